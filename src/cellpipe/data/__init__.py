@@ -1,0 +1,1 @@
+"""Data: decoding, source layouts, manifest, splits, crops, shards."""

@@ -1,0 +1,60 @@
+"""Boxes around annotated or detected objects, and how they are grown into crops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Box:
+    """Pixel box [x0, x1) × [y0, y1), in image coordinates."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def __post_init__(self) -> None:
+        if self.x1 <= self.x0 or self.y1 <= self.y0:
+            raise ValueError(f"degenerate box {self.as_tuple()}: needs x1 > x0 and y1 > y0")
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+def crop_box(box: Box, image_width: int, image_height: int, *,
+             pad_fraction: float, square: bool) -> Box:
+    """Grow ``box`` by ``pad_fraction`` of its longer side and keep it inside the image.
+
+    With ``square`` the crop is a square centred on the object, shifted (not cut)
+    at the image border when it fits, so every object keeps its scale and context
+    after the resize to the model's input size.
+    """
+    pad = pad_fraction * max(box.width, box.height)
+    if square:
+        side = min(max(box.width, box.height) + 2 * pad, image_width, image_height)
+        half_w = half_h = side / 2
+    else:
+        half_w, half_h = box.width / 2 + pad, box.height / 2 + pad
+    centre_x, centre_y = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    x0, x1 = _fit_interval(centre_x - half_w, centre_x + half_w, image_width)
+    y0, y1 = _fit_interval(centre_y - half_h, centre_y + half_h, image_height)
+    return Box(x0, y0, x1, y1)
+
+
+def _fit_interval(low: float, high: float, limit: int) -> tuple[int, int]:
+    """Shift [low, high) into [0, limit) when it fits, else clip it; round to pixels."""
+    if low < 0:
+        low, high = 0.0, high - low
+    if high > limit:
+        low, high = low - (high - limit), float(limit)
+    low, high = max(0, round(low)), min(limit, round(high))
+    return low, max(high, low + 1)
