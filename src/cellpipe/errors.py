@@ -11,3 +11,7 @@ class ParamsError(CellpipeError):
 
 class StageFailed(CellpipeError):
     """A stage refused to produce outputs (e.g. too many rejected inputs)."""
+
+
+class InputError(CellpipeError):
+    """Input data is missing or not in a layout cellpipe can read."""

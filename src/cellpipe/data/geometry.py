@@ -40,21 +40,22 @@ def crop_box(box: Box, image_width: int, image_height: int, *,
     """
     pad = pad_fraction * max(box.width, box.height)
     if square:
-        side = min(max(box.width, box.height) + 2 * pad, image_width, image_height)
-        half_w = half_h = side / 2
+        width = height = max(box.width, box.height) + 2 * pad
     else:
-        half_w, half_h = box.width / 2 + pad, box.height / 2 + pad
+        width, height = box.width + 2 * pad, box.height + 2 * pad
     centre_x, centre_y = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
-    x0, x1 = _fit_interval(centre_x - half_w, centre_x + half_w, image_width)
-    y0, y1 = _fit_interval(centre_y - half_h, centre_y + half_h, image_height)
+    x0, x1 = _fit_interval(centre_x, width, image_width)
+    y0, y1 = _fit_interval(centre_y, height, image_height)
     return Box(x0, y0, x1, y1)
 
 
-def _fit_interval(low: float, high: float, limit: int) -> tuple[int, int]:
-    """Shift [low, high) into [0, limit) when it fits, else clip it; round to pixels."""
-    if low < 0:
-        low, high = 0.0, high - low
-    if high > limit:
-        low, high = low - (high - limit), float(limit)
-    low, high = max(0, round(low)), min(limit, round(high))
-    return low, max(high, low + 1)
+def _fit_interval(centre: float, length: float, limit: int) -> tuple[int, int]:
+    """Integer interval of ``length`` around ``centre``, shifted (not cut) into [0, limit).
+
+    The length is rounded once, so equal boxes give equal crops wherever they sit;
+    an interval longer than the image is cut to the image.
+    """
+    size = max(1, min(round(length), limit))
+    low = round(centre - size / 2)
+    low = min(max(low, 0), limit - size)
+    return low, low + size

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from cellpipe.data.imageio import IMAGE_SUFFIXES
+from cellpipe.errors import InputError
 
 Layout = Literal["auto", "class_folders", "filename_labels", "voc"]
 
@@ -89,7 +90,7 @@ def discover(root: Path, layout: Layout, *, classes: Sequence[str],
              group_pattern: str | None = None) -> Discovery:
     """Walk ``root`` according to ``layout`` (``auto`` detects it)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"source folder not found: {root}")
+        raise InputError(f"source folder not found: {root}")
     if layout == "auto":
         layout = detect_layout(root)
     grouping = _Grouping(group_pattern)
@@ -149,13 +150,11 @@ def _discover_filename_labels(root: Path, classes: Sequence[str], grouping: _Gro
             if split != "unlabeled":
                 match = _FILENAME_LABEL.search(file.stem)
                 if match is None:
-                    found.rejections.append(Rejection(
-                        relative, "no label in file name: expected '<name>_<k>' with k a class index"))
+                    reason = "no label in file name: expected '<name>_<k>', k a class index"
+                    found.rejections.append(Rejection(relative, reason))
                     continue
                 label = _class_from_index(int(match.group(1)), classes)
-            # labeled/ is the pool train and val are drawn from; test/ is kept as given.
-            given_split = None if split == "train" else split
-            found.items.append(SourceItem(relative, label, given_split, grouping(relative)))
+            found.items.append(SourceItem(relative, label, split, grouping(relative)))
     return found
 
 
@@ -189,7 +188,8 @@ def _discover_voc(root: Path) -> Discovery:
         stem = Path(image_name).stem if image_name else xml_file.stem
         image = images.get(stem) or images.get(xml_file.stem)
         if image is None:
-            found.rejections.append(Rejection(xml_relative, f"annotated image '{image_name}' not found"))
+            reason = f"annotated image '{image_name}' not found"
+            found.rejections.append(Rejection(xml_relative, reason))
             continue
         annotated.add(image.stem)
         relative = image.relative_to(root).as_posix()
@@ -197,7 +197,8 @@ def _discover_voc(root: Path) -> Discovery:
                                       objects=tuple(objects)))
     for stem, image in sorted(images.items()):
         if stem not in annotated:
-            found.rejections.append(Rejection(image.relative_to(root).as_posix(), "no VOC annotation"))
+            relative = image.relative_to(root).as_posix()
+            found.rejections.append(Rejection(relative, "no VOC annotation"))
     return found
 
 
@@ -275,4 +276,4 @@ def _child(root: Path, name: str) -> Path:
     for child in root.iterdir():
         if child.is_dir() and child.name.lower() == name.lower():
             return child
-    raise FileNotFoundError(f"VOC layout needs a '{name}/' folder in {root}")
+    raise InputError(f"VOC layout needs a '{name}/' folder in {root}")

@@ -6,8 +6,9 @@ Rules, in order:
 2. Files with identical bytes (same sha256) are put in one group, so that the
    splitter keeps copies together; copies that the *source* put in different
    splits are resolved by :func:`drop_cross_split_duplicates`.
-3. Rows without a given split form a pool; ``test`` is drawn from it only if the
-   source gave no test rows, ``val`` only if it gave no val rows. Drawing uses
+3. Rows without a given split, and rows the source calls ``train`` (a TRAIN folder
+   is where val is usually carved from), form a pool; ``test`` is drawn from it
+   only if the source gave no test rows, ``val`` only if it gave no val rows. Drawing uses
    scikit-learn's StratifiedGroupKFold, so crops of one slide never straddle splits.
 4. Unlabeled rows without a split go to ``unlabeled``.
 """
@@ -58,7 +59,8 @@ def assign_splits(rows: pd.DataFrame, *, val_fraction: float, test_fraction: flo
     given = set(split.dropna())
     unlabeled = split.isna() & rows["label"].isna()
     split[unlabeled] = "unlabeled"
-    pool = split.isna()
+    pool = split.isna() | (split == "train")
+    split[pool] = None
     if "test" not in given and test_fraction > 0:
         take = _draw(rows[pool], test_fraction, seed)
         split[take] = "test"

@@ -94,7 +94,8 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
                      group_pattern=params.group_pattern)
     if found.ignored:
         log.warning("ignored folders outside the layout: %s", ", ".join(found.ignored))
-    log.info("found %d files (%d rejected before decoding)", len(found.items), len(found.rejections))
+    log.info("found %d files (%d rejected before decoding)",
+             len(found.items), len(found.rejections))
     rejections = list(found.rejections)
     probes = _probe_all(source, found.items, params, workers, rejections)
     classes = tuple(params.classes) or _infer_classes(found)
@@ -105,7 +106,8 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
     rows, duplicates, duplicate_rejections = drop_cross_split_duplicates(rows)
     rejections += duplicate_rejections
     manifest = Manifest(conform(rows.drop(columns="group")), classes)
-    return IngestResult(manifest, rejections, duplicates, _metrics(manifest, rejections, duplicates))
+    metrics = _metrics(manifest, rejections, duplicates)
+    return IngestResult(manifest, rejections, duplicates, metrics)
 
 
 def check_rejected_fraction(result: IngestResult, limit: float) -> None:
@@ -215,7 +217,8 @@ def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, k
     for number, obj in enumerate(item.objects or (), start=1):
         where = f"object {number} ({obj.label} at {obj.box})"
         if obj.label not in known:
-            rejections.append(Rejection(item.path, f"{where}: {_unknown_label(obj.label, classes)}"))
+            reason = f"{where}: {_unknown_label(obj.label, classes)}"
+            rejections.append(Rejection(item.path, reason))
             continue
         x0, y0, x1, y1 = obj.box
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(page.width, x1), min(page.height, y1)
@@ -224,8 +227,9 @@ def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, k
                                                    f"{page.width}x{page.height} image"))
             continue
         if min(x1 - x0, y1 - y0) < voc.min_object_size:
-            rejections.append(Rejection(item.path, f"{where}: {x1 - x0}x{y1 - y0} px is below "
-                                                   f"ingest.voc.min_object_size = {voc.min_object_size}"))
+            reason = (f"{where}: {x1 - x0}x{y1 - y0} px is below "
+                      f"ingest.voc.min_object_size = {voc.min_object_size}")
+            rejections.append(Rejection(item.path, reason))
             continue
         crop = crop_box(Box(x0, y0, x1, y1), page.width, page.height,
                         pad_fraction=voc.pad_fraction, square=voc.square)

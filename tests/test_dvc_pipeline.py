@@ -1,0 +1,62 @@
+"""The real DVC pipeline on the bundled demo data, in a copy of this repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, require_executable
+
+pytestmark = pytest.mark.slow
+
+
+def _tracked_copy(destination: Path) -> Path:
+    """Copy what a fresh clone would hold (git-tracked and unignored files)."""
+    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    for relative in listing:
+        source = REPO / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    return destination
+
+
+def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([require_executable("dvc"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_pull_repro_status_and_param_change_reruns_only_downstream(
+        tmp_path: Path, dvc_env: dict[str, str]) -> None:
+    repo = _tracked_copy(tmp_path / "clone")
+
+    _dvc(repo, dvc_env, "pull", "data.dvc")  # offline, from the remote inside the repo
+    assert len(list((repo / "data" / "bccd" / "JPEGImages").glob("*.jpg"))) == 364
+    assert (repo / "data" / "bccd" / "LICENSE").read_text().startswith("MIT License")
+
+    first = _dvc(repo, dvc_env, "repro")
+    assert "Running stage 'ingest'" in first and "Running stage 'preprocess'" in first
+    assert "Data and pipelines are up to date" in _dvc(repo, dvc_env, "status")
+    metrics = json.loads((repo / "outputs" / "ingest" / "metrics.json").read_text())
+    assert metrics["classes"] == {"RBC": 4153, "WBC": 372, "Platelets": 361}
+    assert metrics["rejected"] == 2  # the two zero-area boxes in BCCD's annotations
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["preprocess"]["image_size"] = 32
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = _dvc(repo, dvc_env, "repro")
+    assert "Stage 'ingest' didn't change, skipping" in second
+    assert "Running stage 'preprocess'" in second
+    meta = json.loads((repo / "outputs" / "preprocess" / "shards" / "meta.json").read_text())
+    assert meta["image_size"] == 32
+    assert "Data and pipelines are up to date" in _dvc(repo, dvc_env, "status")

@@ -1,0 +1,65 @@
+"""dvc.yaml and params.yaml stay in step with the code they describe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cellpipe.params import StageParams, flat_keys, load_section
+from cellpipe.stages.ingest import IngestParams
+from cellpipe.stages.preprocess import PreprocessParams
+from conftest import REPO
+
+STAGES: dict[str, tuple[str, type[StageParams]]] = {
+    "ingest": ("cellpipe.stages.ingest", IngestParams),
+    "preprocess": ("cellpipe.stages.preprocess", PreprocessParams),
+}
+PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _leaves(section: dict, prefix: str) -> set[str]:
+    keys = set()
+    for name, value in section.items():
+        if isinstance(value, dict):
+            keys |= _leaves(value, f"{prefix}.{name}")
+        else:
+            keys.add(f"{prefix}.{name}")
+    return keys
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_dvc_yaml_lists_exactly_the_params_a_stage_reads(stage: str) -> None:
+    _, model = STAGES[stage]
+    assert set(PIPELINE[stage]["params"]) == flat_keys(model, stage)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_params_yaml_spells_out_every_key_and_validates(stage: str) -> None:
+    _, model = STAGES[stage]
+    assert _leaves(PARAMS[stage], stage) == flat_keys(model, stage)
+    load_section(model, stage, REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_module_a_stage_imports_is_a_dvc_dependency(stage: str) -> None:
+    module, _ = STAGES[stage]
+    # A fresh interpreter, so only what this stage imports is in sys.modules.
+    listing = subprocess.run(
+        [sys.executable, "-c",
+         f"import json, sys, {module}; print(json.dumps([m.__file__ for n, m in "
+         "sys.modules.items() if n.startswith('cellpipe') and getattr(m, '__file__', None)]))"],
+        capture_output=True, text=True, check=True,
+    )
+    imported = {Path(f).resolve().relative_to(REPO).as_posix() for f in json.loads(listing.stdout)}
+    code = {f for f in imported if not f.endswith("__init__.py")}
+    deps = set(PIPELINE[stage]["deps"])
+    assert code - deps == set(), f"stage '{stage}' imports code that dvc.yaml does not list"
+    listed_code = {d for d in deps if d.startswith("src/")}
+    assert listed_code - code == set(), f"stage '{stage}' lists code it does not import"
+    assert all((REPO / d).exists() for d in listed_code)
