@@ -50,13 +50,21 @@ def test_pull_repro_status_and_param_change_reruns_only_downstream(
     metrics = json.loads((repo / "outputs" / "ingest" / "metrics.json").read_text())
     assert metrics["classes"] == {"RBC": 4153, "WBC": 372, "Platelets": 361}
     assert metrics["rejected"] == 2  # the two zero-area boxes in BCCD's annotations
+    evaluation = json.loads((repo / "outputs" / "evaluate" / "metrics.json").read_text())
+    assert evaluation["images"] == 945 and evaluation["accuracy"] > 0.9
+    assert (repo / "models" / "classifier" / "model.pt").is_file()
+    assert json.loads((repo / "models" / "classifier" / "calibration.json").read_text())[
+        "temperature"] > 0
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["preprocess"]["image_size"] = 32
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = _dvc(repo, dvc_env, "repro")
+    second = _dvc(repo, dvc_env, "repro", "preprocess")
     assert "Stage 'ingest' didn't change, skipping" in second
     assert "Running stage 'preprocess'" in second
+    assert "Running stage 'train'" not in second
     meta = json.loads((repo / "outputs" / "preprocess" / "shards" / "meta.json").read_text())
     assert meta["image_size"] == 32
-    assert "Data and pipelines are up to date" in _dvc(repo, dvc_env, "status")
+    # Downstream of preprocess, train and evaluate are now stale; ingest is not.
+    status = _dvc(repo, dvc_env, "status")
+    assert "train:" in status and "evaluate:" in status and "ingest:" not in status

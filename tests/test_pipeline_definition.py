@@ -11,13 +11,17 @@ import pytest
 import yaml
 
 from cellpipe.params import StageParams, flat_keys, load_section
+from cellpipe.stages.evaluate import EvaluateParams
 from cellpipe.stages.ingest import IngestParams
 from cellpipe.stages.preprocess import PreprocessParams
+from cellpipe.stages.train import TrainParams
 from conftest import REPO
 
 STAGES: dict[str, tuple[str, type[StageParams]]] = {
     "ingest": ("cellpipe.stages.ingest", IngestParams),
     "preprocess": ("cellpipe.stages.preprocess", PreprocessParams),
+    "train": ("cellpipe.stages.train", TrainParams),
+    "evaluate": ("cellpipe.stages.evaluate", EvaluateParams),
 }
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -35,6 +35,29 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
     preprocess.run(args.manifest, args.source, args.out, params, workers=args.workers)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from cellpipe.stages import train
+
+    params = load_section(train.TrainParams, "train", args.params)
+    train.run(args.shards, args.manifest, args.out, args.model, params, device=args.device)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from cellpipe.stages import evaluate
+
+    params = load_section(evaluate.EvaluateParams, "evaluate", args.params)
+    args.out.mkdir(parents=True, exist_ok=True)
+    evaluate.evaluate(args.model, args.shards, args.out, args.calibration, params,
+                      device=args.device)
+
+
+def _cmd_backbones(args: argparse.Namespace) -> None:
+    from cellpipe.nets.registry import describe_backbones
+
+    for name, summary in describe_backbones():
+        print(f"{name:20s} {summary}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellpipe",
@@ -69,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the source folder the manifest's paths are relative to")
     preprocess.add_argument("--out", type=Path, required=True,
                             help="output folder: shards/, rejected.csv, metrics.json, preview.png")
+    train = _add_command(
+        commands, "train", _cmd_train,
+        "Train a classifier on the shards (transfer learning, from scratch, pseudo-labels).",
+        "Backbones come from one registry (train.backbone); train.phases says what trains "
+        "when (head, the last N blocks, or all). Frozen-backbone phases train the head on "
+        "cached features. A killed run resumes from its last epoch.",
+    )
+    train.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
+    train.add_argument("--manifest", type=Path, required=True,
+                       help="manifest.parquet (its hash goes into the checkpoint)")
+    train.add_argument("--out", type=Path, required=True,
+                       help="reports folder: history.csv, curves.png, metrics.json, checkpoints/")
+    train.add_argument("--model", type=Path, required=True, help="checkpoint to write (model.pt)")
+    train.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+
+    evaluate = _add_command(
+        commands, "evaluate", _cmd_evaluate,
+        "Score the trained model on the test split, calibrate it, draw its errors.",
+        "Writes accuracy, balanced accuracy, macro-F1, per-class precision/recall, "
+        "one-vs-rest ROC-AUC and ECE; fits a temperature on val (saved for export); "
+        "draws the confusion matrix, a reliability diagram and the most confident mistakes.",
+    )
+    evaluate.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    evaluate.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
+    evaluate.add_argument("--out", type=Path, required=True, help="reports folder")
+    evaluate.add_argument("--calibration", type=Path, required=True,
+                          help="where to write the fitted temperature (JSON, beside the model)")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+
+    backbones = commands.add_parser("backbones", help="List the registered backbones.")
+    backbones.set_defaults(handler=_cmd_backbones)
     return parser
 
 

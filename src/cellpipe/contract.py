@@ -1,0 +1,63 @@
+"""The model I/O contract: one object that says how to feed a model and read it.
+
+It is created by training from the shards' description and the backbone, stored
+in the checkpoint, and (in later stages) drives the ONNX export, config.pbtxt,
+labels.txt, Triton's preprocess model and the client. :func:`to_model_input` is
+the one evaluation transform: training, evaluation and serving all call it, so
+the preprocessing cannot drift between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """Input and output of a trained classifier, and how raw images become inputs."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # How a decoded image becomes an image_size² uint8 input (see data.transforms).
+    resize: str = "pad"
+    pad_value: int = 0
+    resample: str = "bilinear"
+    bit_depth_scaling: str = "percentile"
+    # Tensor names and layout.
+    input_name: str = "image"
+    output_name: str = "logits"
+    channels: int = 3
+    input_dtype: str = "float32"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """C×H×W of one input (the batch axis is dynamic)."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelContract:
+        fields = dict(data)
+        for key in ("class_names", "mean", "std"):
+            fields[key] = tuple(fields[key])
+        return cls(**fields)
+
+
+def to_model_input(images: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """uint8 N×S×S×3 (or S×S×3) RGB → float32 N×3×S×S, normalised by the contract."""
+    if images.ndim == 3:
+        images = images[np.newaxis]
+    expected = (contract.image_size, contract.image_size, contract.channels)
+    if images.dtype != np.uint8 or images.shape[1:] != expected:
+        raise ValueError(f"model input must be uint8 N×{'×'.join(map(str, expected))}, "
+                         f"got {images.dtype} {images.shape}")
+    mean = np.asarray(contract.mean, np.float32) * 255.0
+    scale = 1.0 / (np.asarray(contract.std, np.float32) * 255.0)
+    normalised = (images.astype(np.float32) - mean) * scale
+    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))

@@ -1,0 +1,57 @@
+"""The self-describing model checkpoint: enough to rebuild the classifier from it alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cellpipe import __version__
+from cellpipe.contract import ModelContract
+from cellpipe.fsutil import atomic_path
+from cellpipe.nets.classifier import Classifier
+from cellpipe.nets.registry import build_backbone
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    classifier: Classifier
+    contract: ModelContract
+    info: dict  # everything else the checkpoint holds (params, history, hashes, scores)
+
+
+def save_model(path: Path, classifier: Classifier, contract: ModelContract, *, backbone: str,
+               weights: str, dropout: float, **info: object) -> None:
+    """Write weights, architecture, contract and provenance (``info``) atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "cellpipe_version": __version__,
+        "backbone": backbone,
+        "weights": weights,
+        "dropout": dropout,
+        "contract": contract.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+        **info,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: Path) -> TrainedModel:
+    """Rebuild the classifier (in eval mode) from a checkpoint written by :func:`save_model`."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {payload.get('format')}, "
+                         f"expected {CHECKPOINT_FORMAT}")
+    contract = ModelContract.from_dict(payload["contract"])
+    # Architecture only: the trained weights come from the checkpoint itself.
+    classifier = Classifier(build_backbone(payload["backbone"], "none"),
+                            len(contract.class_names), payload["dropout"])
+    classifier.load_state_dict(payload["state_dict"])
+    classifier.eval()
+    reserved = {"state_dict", "contract"}
+    return TrainedModel(classifier, contract, {k: v for k, v in payload.items()
+                                               if k not in reserved})

@@ -1,0 +1,275 @@
+"""Fit a classifier through a schedule of phases, resumable after a kill.
+
+A phase trains the head only, the last N backbone blocks plus the head, or
+everything, for some epochs at its own learning rate (AdamW, warm-up + cosine).
+While the backbone is frozen its features are computed once and the head trains
+on them, which is what makes transfer learning affordable on a CPU. Each epoch
+is validated (macro-F1), the best weights are kept, a phase stops early after
+``patience`` epochs without improvement, and the whole state (weights, optimiser,
+scheduler, RNGs, history) is checkpointed atomically so a killed run resumes
+at the next epoch and ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from sklearn.metrics import f1_score
+from torch import nn
+
+from cellpipe.contract import ModelContract
+from cellpipe.engine.data import (
+    AugmentParams,
+    ImageDataset,
+    build_augment,
+    class_counts,
+    feature_loader,
+    image_loader,
+)
+from cellpipe.engine.loop import Device, extract_features, predict, train_one_epoch, warmup_cosine
+from cellpipe.errors import CellpipeError
+from cellpipe.fsutil import atomic_path
+from cellpipe.nets.classifier import Classifier
+from cellpipe.params import StageParams
+
+log = logging.getLogger(__name__)
+
+
+class PhaseParams(StageParams):
+    """One phase: what trains (head | all | N = last N blocks + head), how long, how fast."""
+
+    trainable: Literal["head", "all"] | int = "head"
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
+class FitParams(StageParams):
+    """Everything the loop needs besides the data and the model."""
+
+    phases: list[PhaseParams] = Field(min_length=1)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    balance: Literal["sampler", "loss", "none"] = "sampler"
+    early_stopping_patience: int = Field(5, ge=1)
+    cache_frozen_features: bool = True
+    freeze_pretrained_bn: bool = True
+    seed: int = 42
+    augment: AugmentParams = AugmentParams()
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_state: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that orders the data."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageDataset,
+        contract: ModelContract, params: FitParams, device: Device, *,
+        checkpoint: Path, fingerprint: str, tag: str = "") -> FitResult:
+    """Train ``model`` in place through ``params.phases``; resume from ``checkpoint``."""
+    if len(val) == 0:
+        raise CellpipeError("training needs a non-empty 'val' split for early stopping")
+    generator = seed_everything(params.seed)
+    model = device.prepare(model)
+    state = _load_state(checkpoint, fingerprint)
+    resuming = state is not None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        log.info("%sresuming after phase %d epoch %d (of a killed or earlier run)",
+                 tag, state["phase"] + 1, state["epoch"])
+    else:
+        state = {"phase": 0, "epoch": 0, "best_score": -1.0, "stale": 0, "history": [],
+                 "best_state": copy.deepcopy(model.state_dict())}
+    num_classes = len(contract.class_names)
+    loss_fn = _loss(train.labels, num_classes, params).to(device.torch_device)
+    for index in range(state["phase"], len(params.phases)):
+        phase = params.phases[index]
+        # RNG states are restored where they were saved, so that building the loaders
+        # (which draws seeds) replays exactly as in an uninterrupted run.
+        if resuming and state["epoch"] == 0:
+            _set_rng(state["rng"], generator)
+            resuming = False
+        _set_trainable(model, phase)
+        cached = phase.trainable == "head" and params.cache_frozen_features
+        module, train_batches, val_batches = _phase_data(model, cached, train, val, contract,
+                                                         params, device, generator)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=params.weight_decay)
+        total_steps = phase.epochs * len(train_batches)
+        warmup_steps = round(params.warmup_fraction * total_steps)
+        scheduler = warmup_cosine(optimizer, total_steps, warmup_steps)
+        if resuming:  # inside this phase
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng(state["rng"], generator)
+            resuming = False
+        while state["epoch"] < phase.epochs and state["stale"] < params.early_stopping_patience:
+            started = time.perf_counter()
+            _train_mode(model, module, phase, pretrained and params.freeze_pretrained_bn)
+            desc = f"{tag}phase {index + 1}/{len(params.phases)} epoch {state['epoch'] + 1}"
+            train_loss = train_one_epoch(module, train_batches, optimizer, scheduler, loss_fn,
+                                         device, desc=desc)
+            logits, labels = predict(module, val_batches, device, desc="validate")
+            record = _epoch_record(state, index, phase, train_loss, logits, labels,
+                                   optimizer, time.perf_counter() - started, cached)
+            state["history"].append(record)
+            _keep_if_best(state, model, record["val_macro_f1"])
+            state["epoch"] += 1
+            state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), rng=_get_rng(generator))
+            _save_state(checkpoint, state, fingerprint)
+            # Logged after saving: an epoch in the log is an epoch a rerun will not repeat.
+            log.info("%s: loss %.4f, val macro-F1 %.4f, val accuracy %.4f (%.1f s)", desc,
+                     train_loss, record["val_macro_f1"], record["val_accuracy"],
+                     record["seconds"])
+        # The next phase starts from the best weights so far, not the last ones.
+        model.load_state_dict(state["best_state"])
+        state.update(phase=index + 1, epoch=0, stale=0, model=model.state_dict(),
+                     rng=_get_rng(generator))
+        _save_state(checkpoint, state, fingerprint)
+    return FitResult(state["best_score"], state["best_state"], state["history"])
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def _set_trainable(model: Classifier, phase: PhaseParams) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad = phase.trainable == "all"
+    for parameter in model.head.parameters():
+        parameter.requires_grad = True
+    if isinstance(phase.trainable, int):
+        if not 0 < phase.trainable <= len(model.blocks):
+            raise CellpipeError(f"trainable: {phase.trainable} blocks asked, the backbone has "
+                                f"{len(model.blocks)} (use 1..{len(model.blocks)}, head or all)")
+        for block in model.blocks[-phase.trainable:]:
+            for parameter in block.parameters():
+                parameter.requires_grad = True
+
+
+def _train_mode(model: Classifier, module: nn.Module, phase: PhaseParams,
+                freeze_bn: bool) -> None:
+    """Train mode where weights train; frozen parts (and pretrained BN) stay in eval mode."""
+    module.train()
+    if module is not model:
+        return  # head on cached features: nothing else runs
+    if phase.trainable == "head":
+        model.backbone.eval()
+        return
+    for layer in model.backbone.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            frozen = not any(p.requires_grad for p in layer.parameters())
+            # Small microscopy batches give noisy statistics: keep pretrained ones.
+            if frozen or freeze_bn:
+                layer.eval()
+
+
+def _phase_data(model: Classifier, cached: bool, train: ImageDataset, val: ImageDataset,
+                contract: ModelContract, params: FitParams, device: Device,
+                generator: torch.Generator):
+    """The module to train and its train/val loaders: images, or cached features."""
+    balanced = params.balance == "sampler"
+    num_classes = len(contract.class_names)
+    plain_train = ImageDataset(train.images, train.labels)
+    if cached:
+        train_features = extract_features(model.backbone, image_loader(
+            plain_train, contract, batch_size=params.batch_size), device)
+        val_features = extract_features(model.backbone, image_loader(
+            val, contract, batch_size=params.batch_size), device)
+        return (model.head,
+                feature_loader(*train_features, batch_size=params.batch_size, shuffle=True,
+                               balanced=balanced, num_classes=num_classes, generator=generator),
+                feature_loader(*val_features, batch_size=params.batch_size,
+                               num_classes=num_classes))
+    augmented = ImageDataset(train.images, train.labels,
+                             build_augment(params.augment, contract.pad_value))
+    return (model,
+            image_loader(augmented, contract, batch_size=params.batch_size, shuffle=True,
+                         balanced=balanced, generator=generator),
+            image_loader(val, contract, batch_size=params.batch_size))
+
+
+def _loss(labels: np.ndarray, num_classes: int, params: FitParams) -> nn.Module:
+    weight = None
+    if params.balance == "loss":
+        counts = class_counts(labels, num_classes).astype(np.float32)
+        weight = torch.as_tensor(counts.sum() / (num_classes * np.maximum(counts, 1)))
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
+
+
+def _epoch_record(state: dict, index: int, phase: PhaseParams, train_loss: float,
+                  logits: np.ndarray, labels: np.ndarray, optimizer: torch.optim.Optimizer,
+                  seconds: float, cached: bool) -> dict:
+    predictions = logits.argmax(1)
+    val_loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {
+        "epoch": len(state["history"]) + 1,
+        "phase": index + 1,
+        "trainable": str(phase.trainable),
+        "cached_features": cached,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": round(train_loss, 6),
+        "val_loss": round(val_loss.item(), 6),
+        "val_accuracy": round(float((predictions == labels).mean()), 6),
+        "val_macro_f1": round(float(f1_score(labels, predictions, average="macro",
+                                             zero_division=0)), 6),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _keep_if_best(state: dict, model: nn.Module, score: float) -> None:
+    if score > state["best_score"]:
+        state.update(best_score=score, stale=0, best_state=copy.deepcopy(model.state_dict()))
+    else:
+        state["stale"] += 1
+
+
+# --- checkpoint ----------------------------------------------------------------------------
+
+
+def _get_rng(generator: torch.Generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "loader": generator.get_state()}
+
+
+def _set_rng(rng: dict, generator: torch.Generator) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["loader"])
+
+
+def _save_state(path: Path, state: dict, fingerprint: str) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({**state, "fingerprint": fingerprint}, tmp)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state if it belongs to this exact run (same params and data), else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it belongs to other params or data", path)
+        return None
+    return state

@@ -1,0 +1,115 @@
+"""The training loop's building blocks, shared by every backbone and method.
+
+``module`` is whatever is being trained: the whole classifier on images, or only
+its head on cached features. The same functions serve both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where to run, and the CUDA-only speed-ups (bf16 autocast, channels_last)."""
+
+    torch_device: torch.device
+
+    @classmethod
+    def pick(cls, requested: str = "auto") -> Device:
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(torch.device(requested))
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.is_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.torch_device, non_blocking=True)
+        if self.is_cuda and tensor.ndim == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.torch_device)
+        if self.is_cuda:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+
+def _progress(loader: DataLoader, desc: str) -> Iterator:
+    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
+
+
+def train_one_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
+                    device: Device, *, desc: str = "train") -> float:
+    """One pass over ``loader``; the scheduler steps per batch. Returns the mean loss."""
+    total, seen = 0.0, 0
+    bar = _progress(loader, desc)
+    for inputs, labels in bar:
+        inputs, labels = device.batch(inputs), labels.to(device.torch_device)
+        with device.autocast():
+            loss = loss_fn(module(inputs).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(labels)
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def predict(module: nn.Module, loader: DataLoader, device: Device, *,
+            desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every batch of ``loader``, in order."""
+    module.eval()
+    logits, labels = [], []
+    for inputs, batch_labels in _progress(loader, desc):
+        with device.autocast():
+            logits.append(module(device.batch(inputs)).float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader: DataLoader, device: Device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of every image, computed once for a frozen-backbone phase."""
+    backbone.eval()
+    features, labels = [], []
+    for inputs, batch_labels in _progress(loader, "features"):
+        with device.autocast():
+            features.append(backbone(device.batch(inputs)).float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to zero, stepped once per batch."""
+    warmup_steps = min(max(warmup_steps, 0), max(total_steps - 1, 0))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0,
+                                               total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine],
+                                                 milestones=[warmup_steps])

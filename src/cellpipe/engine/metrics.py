@@ -1,0 +1,98 @@
+"""Classification metrics, calibration error and temperature scaling.
+
+scikit-learn computes the scores; what it lacks (expected calibration error with
+its bins, temperature fitting) is small and written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+
+def classification_report(labels: np.ndarray, probabilities: np.ndarray,
+                          class_names: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1 and one-vs-rest ROC-AUC."""
+    predictions = probabilities.argmax(axis=1)
+    every_class = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=every_class, zero_division=0)
+    per_class = {
+        name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+               "support": int(support[k]), "roc_auc": _one_vs_rest_auc(labels, probabilities, k)}
+        for k, name in enumerate(class_names)
+    }
+    aucs = [c["roc_auc"] for c in per_class.values() if c["roc_auc"] is not None]
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, labels=every_class, average="macro",
+                                   zero_division=0)),
+        "roc_auc_ovr_macro": float(np.mean(aucs)) if aucs else None,
+        "per_class": per_class,
+    }
+
+
+def _one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray, k: int) -> float | None:
+    positives = labels == k
+    if positives.all() or not positives.any():
+        return None  # undefined with one class only
+    return float(roc_auc_score(positives, probabilities[:, k]))
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray,
+                     bins: int = 15) -> pd.DataFrame:
+    """Per equal-width confidence bin: count, mean confidence, accuracy."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = which == b
+        rows.append({"low": edges[b], "high": edges[b + 1], "count": int(members.sum()),
+                     "confidence": float(confidence[members].mean()) if members.any() else 0.0,
+                     "accuracy": float(correct[members].mean()) if members.any() else 0.0})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
+                               bins: int = 15) -> float:
+    """ECE: the count-weighted mean |accuracy − confidence| over confidence bins."""
+    table = calibration_bins(labels, probabilities, bins)
+    weights = table["count"] / max(len(labels), 1)
+    return float((weights * (table["accuracy"] - table["confidence"]).abs()).sum())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017)."""
+    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_t / log_t.exp(), labels_t)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().item())
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    scaled = logits / temperature
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)

@@ -1,0 +1,1 @@
+"""Network architectures: backbones by name (registry) and the classifier around them."""

@@ -1,0 +1,80 @@
+"""Evaluation numbers against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellpipe.engine.metrics import (
+    classification_report,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
+from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
+
+# Six predictions over three classes; the argmax is 0,0,1,1,2,0 for labels 0,1,1,2,2,0.
+LABELS = np.array([0, 1, 1, 2, 2, 0])
+PROBS = np.array([[0.8, 0.1, 0.1],
+                  [0.6, 0.3, 0.1],
+                  [0.2, 0.7, 0.1],
+                  [0.3, 0.4, 0.3],
+                  [0.1, 0.2, 0.7],
+                  [0.9, 0.05, 0.05]])
+
+
+def test_classification_report_matches_hand_computation() -> None:
+    report = classification_report(LABELS, PROBS, ["a", "b", "c"])
+    # Correct: rows 0, 2, 4, 5 → 4/6.
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    # Recall per class: a 2/2, b 1/2, c 1/2 → balanced accuracy 2/3.
+    assert report["balanced_accuracy"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    # Precision: a 2/3 (rows 0,1,5 predicted a), b 1/2 (rows 2,3), c 1/1.
+    per_class = report["per_class"]
+    assert per_class["a"]["precision"] == pytest.approx(2 / 3)
+    assert per_class["b"]["precision"] == pytest.approx(1 / 2)
+    assert per_class["c"]["precision"] == pytest.approx(1.0)
+    f1 = {"a": 2 * (2 / 3) * 1 / (2 / 3 + 1), "b": 0.5, "c": 2 * 1 * 0.5 / 1.5}
+    for name, value in f1.items():
+        assert per_class[name]["f1"] == pytest.approx(value)
+    assert report["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    # Class a vs rest: scores of positives 0.8, 0.9; negatives 0.6,0.2,0.3,0.1 → AUC 1.
+    assert per_class["a"]["roc_auc"] == pytest.approx(1.0)
+    # Class c vs rest: positives 0.3, 0.7; negatives 0.1,0.1,0.1,0.05 → AUC 1.
+    assert per_class["c"]["roc_auc"] == pytest.approx(1.0)
+    # Class b vs rest: positives 0.3, 0.7; negatives 0.1, 0.4, 0.2, 0.05 → 7 of 8 pairs.
+    assert per_class["b"]["roc_auc"] == pytest.approx(7 / 8)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # Two bins (0.5-1.0 split at 0.75 with bins=4 over [0,1]): confidences 0.6, 0.7 → bin 2,
+    # 0.8, 0.9 → bin 3. Bin 2: mean conf 0.65, accuracy 1/2; bin 3: conf 0.85, accuracy 1.
+    probs = np.array([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]])
+    labels = np.array([0, 1, 0, 0])
+    expected = 0.5 * abs(0.5 - 0.65) + 0.5 * abs(1.0 - 0.85)
+    assert expected_calibration_error(labels, probs, bins=4) == pytest.approx(expected)
+
+
+def test_temperature_recovers_a_known_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 4)) * 2
+    labels = np.array([rng.choice(4, p=p) for p in softmax(true_logits)])
+    fitted = fit_temperature(true_logits * 3.0, labels)  # a model 3× overconfident
+    assert fitted == pytest.approx(3.0, rel=0.1)
+
+
+def test_pseudo_labels_respect_threshold_and_caps() -> None:
+    probs = np.array([[0.95, 0.05], [0.99, 0.01], [0.50, 0.50], [0.10, 0.90],
+                      [0.97, 0.03], [0.20, 0.80], [0.91, 0.09], [0.92, 0.08]])
+    rows, labels = select_pseudo_labels(
+        probs, PseudoLabelParams(threshold=0.9, max_per_class=10, max_class_ratio=10))
+    assert rows.tolist() == [0, 1, 3, 4, 6, 7] and labels.tolist() == [0, 0, 1, 0, 0, 0]
+    # max_per_class: only the 2 most confident of class 0 (rows 1 and 4).
+    rows, _ = select_pseudo_labels(
+        probs, PseudoLabelParams(threshold=0.9, max_per_class=2, max_class_ratio=10))
+    assert rows.tolist() == [1, 3, 4]
+    # max_class_ratio 2: class 1 has one pseudo-label, so class 0 gets at most two.
+    rows, labels = select_pseudo_labels(
+        probs, PseudoLabelParams(threshold=0.9, max_per_class=10, max_class_ratio=2))
+    assert rows.tolist() == [1, 3, 4] and np.bincount(labels).tolist() == [2, 1]
+    assert (probs[rows].max(axis=1) >= 0.9).all()
