@@ -26,8 +26,10 @@ demo: venv
 	dvc pull data.dvc
 	dvc repro
 	dvc metrics show
-	@echo "Manifest: outputs/ingest/manifest.parquet   rejected: outputs/ingest/rejected.csv"
-	@echo "Shards:   outputs/preprocess/shards/          preview:  outputs/preprocess/preview.png"
+	@echo "Manifest:   outputs/ingest/manifest.parquet   (rejected: outputs/ingest/rejected.csv)"
+	@echo "Shards:     outputs/preprocess/shards/        (preview: outputs/preprocess/preview.png)"
+	@echo "Model:      models/classifier/model.pt        (curves: outputs/train/curves.png)"
+	@echo "Evaluation: outputs/evaluate/                 (confusion_matrix.png, reliability.png, mistakes.png)"
 
 ## test: the whole test suite, slow end-to-end tests included (what CI runs)
 test: venv
@@ -40,9 +42,10 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check src tests bench
 
-## bench: ingest + preprocess benchmark on ../shared/datasets/blood_cells.tar.gz
+## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~40 min)
 bench: venv
 	$(BIN)/python bench/ingest_blood_cells.py
+	$(BIN)/python bench/train_real.py
 
 ## lock: re-resolve every dependency and rewrite requirements.lock (needs the registry)
 lock:

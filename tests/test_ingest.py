@@ -240,7 +240,7 @@ def test_cells_of_one_slide_never_straddle_splits(tmp_path: Path) -> None:
             label = "a" if (slide + cell) % 3 else "b"
             save(tmp_path / label / f"slide{slide:02d}_cell_{cell}.png",
                  unique_image(slide * 10 + cell, CLASS_COLOURS[label]))
-    params = _params(group_pattern=r"^(.+)_cell_\d+", split={"val_fraction": 0.2,
+    params = _params(group_pattern=r"([^/]+)_cell_\d+", split={"val_fraction": 0.2,
                                                             "test_fraction": 0.2, "seed": 3})
     rows = ingest(tmp_path, params).manifest.rows
     assert rows["source_id"].nunique() == 24
@@ -248,6 +248,23 @@ def test_cells_of_one_slide_never_straddle_splits(tmp_path: Path) -> None:
     assert set(rows["split"]) == {"train", "val", "test"}
     again = ingest(tmp_path, params).manifest.rows
     pd.testing.assert_frame_equal(rows, again)  # deterministic for a seed
+
+
+def test_group_pattern_sees_folders_or_ignores_them(tmp_path: Path) -> None:
+    # Each smear image has cells in both class folders; each class folder also holds
+    # several augmentations named _<cell>_<n>.png.
+    for slide in range(12):
+        for label in ("a", "b"):
+            for copy in range(3):
+                save(tmp_path / label / f"s{slide:02d}_cell_{copy}.png",
+                     unique_image(slide * 100 + copy + (50 if label == "b" else 0),
+                                  CLASS_COLOURS[label]))
+    by_slide = ingest(tmp_path, _params(group_pattern=r"([^/]+)_cell_\d+")).manifest.rows
+    assert by_slide["source_id"].nunique() == 12  # folders ignored: one group per slide
+    assert by_slide.groupby("source_id")["split"].nunique().max() == 1
+    per_folder = ingest(tmp_path, _params(group_pattern=r"([ab]/s\d+)_cell")).manifest.rows
+    assert per_folder["source_id"].nunique() == 24  # the class folder is part of the id
+    assert per_folder.groupby("source_id")["split"].nunique().max() == 1
 
 
 def test_voc_crops_of_a_slide_share_a_split_when_drawn(tmp_path: Path) -> None:

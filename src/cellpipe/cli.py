@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Backbones come from one registry (train.backbone); train.phases says what trains "
         "when (head, the last N blocks, or all). Frozen-backbone phases train the head on "
         "cached features. A killed run resumes from its last epoch.",
+        runs_on="torch",
     )
     train.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
     train.add_argument("--manifest", type=Path, required=True,
@@ -105,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True,
                        help="reports folder: history.csv, curves.png, metrics.json, checkpoints/")
     train.add_argument("--model", type=Path, required=True, help="checkpoint to write (model.pt)")
-    train.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
 
     evaluate = _add_command(
         commands, "evaluate", _cmd_evaluate,
@@ -113,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes accuracy, balanced accuracy, macro-F1, per-class precision/recall, "
         "one-vs-rest ROC-AUC and ECE; fits a temperature on val (saved for export); "
         "draws the confusion matrix, a reliability diagram and the most confident mistakes.",
+        runs_on="torch",
     )
     evaluate.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
     evaluate.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
     evaluate.add_argument("--out", type=Path, required=True, help="reports folder")
     evaluate.add_argument("--calibration", type=Path, required=True,
                           help="where to write the fitted temperature (JSON, beside the model)")
-    evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
 
     backbones = commands.add_parser("backbones", help="List the registered backbones.")
     backbones.set_defaults(handler=_cmd_backbones)
@@ -128,13 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_command(commands: argparse._SubParsersAction, name: str,
                  handler: Callable[[argparse.Namespace], None], summary: str,
-                 details: str) -> argparse.ArgumentParser:
+                 details: str, *, runs_on: str = "cpu") -> argparse.ArgumentParser:
+    """A stage subcommand; ``runs_on`` adds --workers (cpu) or --device (torch)."""
     command = commands.add_parser(name, help=summary, description=f"{summary} {details}")
     command.set_defaults(handler=handler)
     command.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE,
                          help="params file (default: %(default)s)")
-    command.add_argument("--workers", type=int, default=default_workers(),
-                         help="decoding processes (default: all cores, %(default)s here)")
+    if runs_on == "cpu":
+        command.add_argument("--workers", type=int, default=default_workers(),
+                             help="decoding processes (default: all cores, %(default)s here)")
+    else:
+        command.add_argument("--device", default="auto",
+                             help="auto (CUDA when present), cpu or cuda")
     return command
 
 

@@ -232,14 +232,20 @@ def _voc_image_sets(root: Path) -> dict[str, str]:
 
 
 class _Grouping:
-    """Source id of a file: a regex group on its name (e.g. the slide), else the file."""
+    """Source id of a file: a regex group searched in its relative path, else the path.
+
+    The path (not only the name) is searched so that an id can include a folder:
+    ``([A-Z]+/_\\d+)_`` groups augmentations of one source cell per class folder,
+    while ``([^/]+)_cell_\\d+`` ignores the class folder, so the cells of one slide
+    group together whichever class they are in.
+    """
 
     def __init__(self, pattern: str | None) -> None:
         self.pattern = re.compile(pattern) if pattern else None
 
     def __call__(self, relative: str) -> str:
         if self.pattern is not None:
-            match = self.pattern.search(Path(relative).name)
+            match = self.pattern.search(relative)
             if match:
                 return match.group(1) if match.groups() else match.group(0)
         return relative

@@ -63,7 +63,8 @@ class IngestParams(StageParams):
 
     layout: Layout = "auto"
     classes: list[str] = Field(default_factory=list, description="empty: infer, sorted")
-    group_pattern: str | None = Field(None, description="regex on file names; group 1 = slide id")
+    group_pattern: str | None = Field(
+        None, description="regex searched in relative paths; group 1 = slide/source id")
     tiff_pages: Literal["first", "all"] = "first"
     min_image_size: int = Field(16, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
