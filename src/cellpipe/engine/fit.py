@@ -270,6 +270,6 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: it belongs to other params or data", path)
+        log.info("ignoring %s: it belongs to other params, data or code", path)
         return None
     return state

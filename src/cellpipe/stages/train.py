@@ -145,8 +145,15 @@ def _labeled(split: SplitShard) -> SplitShard:
 
 
 def fingerprint_of(params: TrainParams, manifest: Path, shards: Path) -> str:
-    """Identity of a training run: resume only a checkpoint with the same one."""
+    """Identity of a training run: resume only a checkpoint with the same one.
+
+    It covers params, data and cellpipe's own code: DVC reruns the stage when code
+    changes, and a persisted checkpoint from older code must not be resumed then.
+    """
     digest = hashlib.sha256(params.model_dump_json().encode())
+    package = Path(__file__).resolve().parents[1]
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.read_bytes())
     digest.update(hashlib.sha256(manifest.read_bytes()).digest())
     digest.update((shards / "meta.json").read_bytes())
     return digest.hexdigest()
