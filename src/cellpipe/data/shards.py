@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
+from cellpipe.errors import InputError
+
 SHARDS_FORMAT = 1
 
 
@@ -31,6 +33,8 @@ class SplitShard:
 
 
 def read_meta(shards: Path) -> dict:
+    if not (shards / "meta.json").is_file():
+        raise InputError(f"no preprocessed shards at {shards} (run the preprocess stage first)")
     meta = json.loads((shards / "meta.json").read_text())
     if meta.get("format") != SHARDS_FORMAT:
         raise ValueError(f"{shards} has shards format {meta.get('format')}, "
@@ -39,11 +43,11 @@ def read_meta(shards: Path) -> dict:
 
 
 def open_split(shards: Path, split: str) -> SplitShard:
-    """Memory-map one split; raises FileNotFoundError naming the splits that exist."""
+    """Memory-map one split; raises InputError naming the splits that exist."""
     folder = shards / split
     if not folder.is_dir():
-        existing = sorted(p.name for p in shards.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"no split '{split}' in {shards} (splits: {existing})")
+        existing = sorted(p.name for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
+        raise InputError(f"no split '{split}' in {shards} (splits: {existing})")
     return SplitShard(
         images=np.load(folder / "images.npy", mmap_mode="r"),
         labels=np.load(folder / "labels.npy"),

@@ -9,6 +9,7 @@ import torch
 
 from cellpipe import __version__
 from cellpipe.contract import ModelContract
+from cellpipe.errors import InputError
 from cellpipe.fsutil import atomic_path
 from cellpipe.nets.classifier import Classifier
 from cellpipe.nets.registry import build_backbone
@@ -42,6 +43,8 @@ def save_model(path: Path, classifier: Classifier, contract: ModelContract, *, b
 
 def load_model(path: Path) -> TrainedModel:
     """Rebuild the classifier (in eval mode) from a checkpoint written by :func:`save_model`."""
+    if not path.is_file():
+        raise InputError(f"no trained model at {path} (run the train stage first)")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {payload.get('format')}, "

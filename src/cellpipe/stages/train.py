@@ -26,7 +26,7 @@ from cellpipe.engine.data import ImageDataset, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
 from cellpipe.engine.loop import Device, predict
 from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
-from cellpipe.errors import CellpipeError
+from cellpipe.errors import InputError
 from cellpipe.fsutil import write_json
 from cellpipe.nets.classifier import Classifier
 from cellpipe.nets.registry import Backbone, build_backbone
@@ -109,8 +109,8 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
     """
     try:
         unlabeled = open_split(shards, "unlabeled")
-    except FileNotFoundError as error:
-        raise CellpipeError(f"method pseudo_label needs an 'unlabeled' split: {error}") from error
+    except InputError as error:
+        raise InputError(f"method pseudo_label needs an 'unlabeled' split: {error}") from error
     best_model, best_result, history = model, result, list(result.history)
     records = []
     for round_number in range(1, params.pseudo_label.rounds + 1):
@@ -155,7 +155,7 @@ def fingerprint_of(params: TrainParams, manifest: Path, shards: Path) -> str:
     for source in sorted(package.rglob("*.py")):
         digest.update(source.read_bytes())
     digest.update(hashlib.sha256(manifest.read_bytes()).digest())
-    digest.update((shards / "meta.json").read_bytes())
+    digest.update(json.dumps(read_meta(shards), sort_keys=True).encode())
     return digest.hexdigest()
 
 
