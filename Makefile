@@ -21,15 +21,20 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $@
 
-## demo: fetch the demo data from the bundled DVC remote and run the pipeline on it
+TRITON_PORTS ?= --http-port 8000 --grpc-port 8001 --metrics-port 8002
+
+## demo: fetch the demo data, run the pipeline, serve the model on a local Triton, check it
 demo: venv
 	dvc pull data.dvc
 	dvc repro
 	dvc metrics show
+	cellpipe triton start --repo triton_repo $(TRITON_PORTS)
+	cellpipe triton verify --split test; status=$$?; cellpipe triton stop; exit $$status
 	@echo "Manifest:   outputs/ingest/manifest.parquet   (rejected: outputs/ingest/rejected.csv)"
 	@echo "Shards:     outputs/preprocess/shards/        (preview: outputs/preprocess/preview.png)"
 	@echo "Model:      models/classifier/model.pt        (curves: outputs/train/curves.png)"
 	@echo "Evaluation: outputs/evaluate/                 (confusion_matrix.png, reliability.png, mistakes.png)"
+	@echo "Served:     triton_repo/                      (ONNX + card: outputs/export/, report: outputs/publish/report.json)"
 
 ## test: the whole test suite, slow end-to-end tests included (what CI runs)
 test: venv
@@ -55,4 +60,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .cellpipe

@@ -14,11 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cellpipe import __version__
-from cellpipe.errors import CellpipeError
+from cellpipe.errors import CellpipeError, ParamsError
 from cellpipe.parallel import default_workers
 from cellpipe.params import DEFAULT_PARAMS_FILE, load_section
 
 log = logging.getLogger("cellpipe")
+
+
+class ServerUnreachable(CellpipeError):
+    """No Triton server answers where the command looked for one."""
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
@@ -49,6 +53,101 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     evaluate.evaluate(args.model, args.shards, args.out, args.calibration, params,
                       device=args.device)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from cellpipe.stages import export
+
+    params = load_section(export.ExportParams, "export", args.params)
+    export.run(args.model, args.calibration, args.shards, args.out, params)
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    from cellpipe.stages import publish
+
+    params = load_section(publish.PublishParams, "publish", args.params)
+    if args.rollback:
+        version = publish.rollback(args.repo, params, url=args.url)
+        print(f"{params.model_name}: version {version} is served again")
+        return
+    if args.export is None or args.report is None:
+        raise ParamsError("publish needs --export and --report (or --rollback)")
+    result = publish.run(args.export, args.repo, args.report, params, url=args.url,
+                         force=args.force)
+    print(f"{params.model_name}: {result['action']} (served version {result['version']}): "
+          f"{result['reason']}")
+
+
+def _cmd_triton_start(args: argparse.Namespace) -> None:
+    from cellpipe.serving.server import LocalTriton
+
+    info = LocalTriton(args.state_dir).start(
+        args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, timeout_s=args.timeout)
+    print(f"Triton ready: HTTP {info.http_url}, gRPC {info.grpc_url} (pid {info.pid}, "
+          f"log {info.log_file})")
+
+
+def _cmd_triton_stop(args: argparse.Namespace) -> None:
+    from cellpipe.serving.server import LocalTriton
+
+    stopped = LocalTriton(args.state_dir).stop()
+    print("Triton stopped" if stopped else "no local Triton was running")
+
+
+def _cmd_triton_status(args: argparse.Namespace) -> None:
+    import tritonclient.http as httpclient
+
+    url = _server_url(args, "http")
+    client = httpclient.InferenceServerClient(url)
+    try:
+        ready = client.is_server_ready()
+        models = client.get_model_repository_index()
+    except Exception as error:  # connection refused and friends: say so plainly
+        raise ServerUnreachable(f"no Triton answers at {url}: {error}") from error
+    finally:
+        client.close()
+    print(f"Triton at {url}: {'ready' if ready else 'NOT ready'}")
+    for model in models:
+        reason = f" ({model['reason']})" if model.get("reason") else ""
+        print(f"  {model['name']:32s} v{model.get('version', '-'):4s} {model.get('state', '-')}"
+              f"{reason}")
+
+
+def _cmd_triton_classify(args: argparse.Namespace) -> None:
+    from cellpipe.serving.client import TritonClassifier
+
+    with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
+                          model_name=args.model_name) as client:
+        probabilities = client.classify_encoded([path.read_bytes() for path in args.files])
+        names = client.contract.class_names
+    for path, row in zip(args.files, probabilities, strict=True):
+        print(f"{path}\t{names[int(row.argmax())]}\t{row.max():.4f}")
+
+
+def _cmd_triton_verify(args: argparse.Namespace) -> None:
+    from cellpipe.serving.verify import verify_server
+
+    for protocol in ("grpc", "http") if args.protocol == "both" else (args.protocol,):
+        result = verify_server(args.onnx, args.shards, args.split, _server_url(args, protocol),
+                               protocol, model_name=args.model_name, limit=args.limit)
+        print(f"{protocol}: {result['images']} {args.split} images, max |Δp| vs onnxruntime "
+              f"in-process: tensors {result['tensor_max_abs_difference']:.1e}, image bytes "
+              f"{result['bytes_max_abs_difference']:.1e}; accuracy {result['accuracy']:.4f}, "
+              f"macro-F1 {result['macro_f1']:.4f}")
+
+
+def _server_url(args: argparse.Namespace, protocol: str) -> str:
+    """--url if given, else the local server started by `cellpipe triton start`."""
+    if args.url:
+        return args.url
+    from cellpipe.serving.server import LocalTriton
+
+    info = LocalTriton(args.state_dir).running()
+    if info is None:
+        raise ServerUnreachable("no local Triton runs (`cellpipe triton start`) and no --url "
+                                "was given")
+    return info.url(protocol)
 
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
@@ -121,19 +220,107 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--calibration", type=Path, required=True,
                           help="where to write the fitted temperature (JSON, beside the model)")
 
+    export = _add_command(
+        commands, "export", _cmd_export,
+        "Export the checkpoint to ONNX (temperature folded in), proven equal to PyTorch.",
+        "Parity is checked on every validation image (max |Δp| ≤ export.parity_tolerance, "
+        "identical argmax); the stage fails and writes nothing otherwise. Optional dynamic "
+        "INT8 is kept only if validation accuracy drops less than the margin.", runs_on="none",
+    )
+    export.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    export.add_argument("--calibration", type=Path, required=True,
+                        help="calibration.json written by evaluate")
+    export.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
+    export.add_argument("--out", type=Path, required=True,
+                        help="output folder: model.onnx, card.json, metrics.json")
+
+    publish = _add_command(
+        commands, "publish", _cmd_publish,
+        "Publish the exported model as a new version of the Triton repository.",
+        "A version is written to a hidden folder and renamed into place; it is published "
+        "only if its val macro-F1 reaches the served version's + publish.min_gain. A "
+        "running server (--url, or the local one) loads it and is checked against "
+        "onnxruntime in-process.", runs_on="none",
+    )
+    publish.add_argument("--export", type=Path, help="export folder (model.onnx, card.json)")
+    publish.add_argument("--repo", type=Path, required=True, help="Triton model repository")
+    publish.add_argument("--report", type=Path, help="where to write the publish report (JSON)")
+    publish.add_argument("--url", help="Triton HTTP host:port to reload (default: the local "
+                                       "server, if one runs)")
+    publish.add_argument("--force", action="store_true",
+                         help="publish even if the champion scores higher")
+    publish.add_argument("--rollback", action="store_true",
+                         help="retire the served version and serve the previous one")
+
+    _add_triton_commands(commands)
+
     backbones = commands.add_parser("backbones", help="List the registered backbones.")
     backbones.set_defaults(handler=_cmd_backbones)
     return parser
 
 
+def _add_triton_commands(commands: argparse._SubParsersAction) -> None:
+    """``cellpipe triton start|stop|status|classify|verify``."""
+    triton = commands.add_parser(
+        "triton", help="Run a local Triton server and score images on any Triton.",
+        description="The local server is the tritonserver binary bundled in nvidia-pytriton, "
+                    "on 127.0.0.1 with explicit model control. --url points a command at "
+                    "another Triton instead.")
+    actions = triton.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Callable[[argparse.Namespace], None],
+               summary: str) -> argparse.ArgumentParser:
+        command = actions.add_parser(name, help=summary, description=summary)
+        command.set_defaults(handler=handler)
+        command.add_argument("--state-dir", type=Path, default=Path(".cellpipe/triton"),
+                             help="pidfile, ports and log of the local server "
+                                  "(default: %(default)s)")
+        return command
+
+    start = action("start", _cmd_triton_start, "Start the local Triton; wait until ready.")
+    start.add_argument("--repo", type=Path, default=Path("triton_repo"),
+                       help="model repository (default: %(default)s)")
+    for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        start.add_argument(f"--{name}-port", type=int, default=port,
+                           help=f"{name} port on 127.0.0.1 (default: %(default)s)")
+    start.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for readiness (default: %(default)s)")
+    action("stop", _cmd_triton_stop, "Stop the local Triton (SIGTERM, then SIGKILL).")
+    status = action("status", _cmd_triton_status, "Readiness and model states of a server.")
+    status.add_argument("--url", help="HTTP host:port (default: the local server)")
+
+    def scoring(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--url", help="host:port for --protocol (default: local server)")
+        command.add_argument("--model-name", default="cell_classifier",
+                             help="published model name (default: %(default)s)")
+
+    classify = action("classify", _cmd_triton_classify,
+                      "Classify image files as they are (server-side preprocessing).")
+    classify.add_argument("files", type=Path, nargs="+", help="PNG, JPEG, BMP or TIFF files")
+    classify.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    scoring(classify)
+    verify = action("verify", _cmd_triton_verify,
+                    "Score a shard split on the server and in-process; compare the answers.")
+    verify.add_argument("--onnx", type=Path, default=Path("outputs/export/model.onnx"),
+                        help="the published model, run in-process (default: %(default)s)")
+    verify.add_argument("--shards", type=Path, default=Path("outputs/preprocess/shards"),
+                        help="preprocess shards (default: %(default)s)")
+    verify.add_argument("--split", default="test", help="split to score (default: test)")
+    verify.add_argument("--limit", type=int, help="score only the first N images")
+    verify.add_argument("--protocol", choices=("grpc", "http", "both"), default="both")
+    scoring(verify)
+
+
 def _add_command(commands: argparse._SubParsersAction, name: str,
                  handler: Callable[[argparse.Namespace], None], summary: str,
                  details: str, *, runs_on: str = "cpu") -> argparse.ArgumentParser:
-    """A stage subcommand; ``runs_on`` adds --workers (cpu) or --device (torch)."""
+    """A stage subcommand; ``runs_on`` adds --workers (cpu), --device (torch) or nothing."""
     command = commands.add_parser(name, help=summary, description=f"{summary} {details}")
     command.set_defaults(handler=handler)
     command.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE,
                          help="params file (default: %(default)s)")
+    if runs_on == "none":
+        return command
     if runs_on == "cpu":
         command.add_argument("--workers", type=int, default=default_workers(),
                              help="decoding processes (default: all cores, %(default)s here)")

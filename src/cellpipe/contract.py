@@ -9,9 +9,13 @@ the preprocessing cannot drift between them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from cellpipe.data.imageio import ImageLimits, decode_rgb
+from cellpipe.data.transforms import fit_square
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class ModelContract:
     # Tensor names and layout.
     input_name: str = "image"
     output_name: str = "logits"
+    # The exported (served) model adds calibrated class probabilities under this name.
+    probabilities_name: str = "probabilities"
     channels: int = 3
     input_dtype: str = "float32"
 
@@ -61,3 +67,22 @@ def to_model_input(images: np.ndarray, contract: ModelContract) -> np.ndarray:
     scale = 1.0 / (np.asarray(contract.std, np.float32) * 255.0)
     normalised = (images.astype(np.float32) - mean) * scale
     return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+
+def fit_to_contract(rgb: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """Decoded H×W×3 uint8 image → the model's square uint8 input, as preprocess made it."""
+    return fit_square(rgb, contract.image_size, mode=contract.resize,
+                      resample=contract.resample, pad_value=contract.pad_value)
+
+
+def encoded_to_model_input(encoded: Sequence[bytes], contract: ModelContract) -> np.ndarray:
+    """Encoded image files (PNG, JPEG, TIFF…) → float32 N×3×S×S model input.
+
+    Decode, fit and normalise exactly as the training data went: Triton's
+    preprocess model and the file-scoring client both call this.
+    """
+    # Any size is served: a crop smaller than ingest's minimum is still a cell.
+    limits = ImageLimits(min_side=1)
+    fitted = [fit_to_contract(decode_rgb(blob, scaling=contract.bit_depth_scaling,
+                                         limits=limits), contract) for blob in encoded]
+    return to_model_input(np.stack(fitted), contract)

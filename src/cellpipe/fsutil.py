@@ -1,8 +1,9 @@
-"""Atomic file and folder writes: a reader never sees a half-written output."""
+"""Atomic file and folder writes (a reader never sees a half-written output), file hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -65,3 +66,9 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in blocks."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

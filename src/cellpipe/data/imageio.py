@@ -10,10 +10,11 @@ reason written to the rejected list.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import tifffile
@@ -23,6 +24,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 
 BitDepthScaling = Literal["percentile", "dtype"]
+# First bytes of classic and BigTIFF files, little- and big-endian.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Percentiles for the "percentile" scaling: microscopy cameras often fill only 12
 # of 16 bits, so scaling by the dtype's range would give nearly black images.
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
@@ -78,6 +81,21 @@ def read_rgb(path: Path, page: int = 0, *, scaling: BitDepthScaling = "percentil
     return _read_pillow(path, scaling, limits)
 
 
+def decode_rgb(data: bytes, *, scaling: BitDepthScaling = "percentile",
+               limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Decode an encoded image held in memory (e.g. sent to a server) like :func:`read_rgb`.
+
+    The format is recognised from the content, not a name: TIFF (first usable
+    page) through tifffile, PNG, JPEG, BMP and the rest through Pillow.
+    """
+    if not data:
+        raise ImageRejected("empty image (0 bytes)")
+    stream = io.BytesIO(data)
+    if data[:4] in _TIFF_MAGIC:
+        return _read_tiff_page(stream, 0, scaling, limits)
+    return _read_pillow(stream, scaling, limits)
+
+
 def to_rgb_uint8(array: np.ndarray, scaling: BitDepthScaling = "percentile") -> np.ndarray:
     """Convert a decoded H×W or H×W×C array of any dtype to H×W×3 uint8.
 
@@ -123,7 +141,7 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def _open_pillow(path: Path, limits: ImageLimits) -> Image.Image:
+def _open_pillow(path: Path | BinaryIO, limits: ImageLimits) -> Image.Image:
     """Open (header only) with Pillow, with its bomb guard set to our own limit."""
     # Pillow's guard is a module global; align it with ours so that a limit raised in
     # params is honoured, and silence its warning since _check_size reports the case.
@@ -157,7 +175,8 @@ def _probe_pillow(path: Path, limits: ImageLimits) -> PageInfo:
         return PageInfo(0, *image.size)
 
 
-def _read_pillow(path: Path, scaling: BitDepthScaling, limits: ImageLimits) -> np.ndarray:
+def _read_pillow(path: Path | BinaryIO, scaling: BitDepthScaling,
+                 limits: ImageLimits) -> np.ndarray:
     with _open_pillow(path, limits) as image:
         _decode_pillow(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -171,7 +190,7 @@ def _usable_tiff_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     return [page for page in tif.pages if not getattr(page, "is_reduced", False)]
 
 
-def _open_tiff(path: Path) -> tifffile.TiffFile:
+def _open_tiff(path: Path | BinaryIO) -> tifffile.TiffFile:
     try:
         return tifffile.TiffFile(path)
     except Exception as error:  # tifffile raises many types for broken headers
@@ -205,7 +224,7 @@ def _probe_tiff(path: Path, limits: ImageLimits, pages: Literal["first", "all"])
         return infos
 
 
-def _read_tiff_page(path: Path, page: int, scaling: BitDepthScaling,
+def _read_tiff_page(path: Path | BinaryIO, page: int, scaling: BitDepthScaling,
                     limits: ImageLimits) -> np.ndarray:
     with _open_tiff(path) as tif:
         usable = _usable_tiff_pages(tif)
