@@ -306,6 +306,25 @@ def test_cli_status_and_classify(server: tuple[ServerInfo, Path], trained: dict[
     assert cli_main(["triton", "status", "--url", f"127.0.0.1:{free_port()}"]) == 1
 
 
+def test_cli_classify_lists_bad_files_and_scores_the_rest(
+        server: tuple[ServerInfo, Path], trained: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    info, _ = server
+    good = tmp_path / "good.png"
+    good.write_bytes(_encode(_test_images(trained)[0], "png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    missing = tmp_path / "missing.png"
+    code = cli_main(["triton", "classify", "--url", info.grpc_url, str(good), str(broken),
+                     str(missing)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert [line.split("\t")[0] for line in captured.out.strip().splitlines()] == [str(good)]
+    assert "2 of 3 files could not be classified" in caplog.text
+    assert "broken.png: " in caplog.text and "not a recognised image" in caplog.text
+    assert "missing.png: cannot read file" in caplog.text
+
+
 @pytest.mark.slow
 def test_publish_under_load_then_rollback(server: tuple[ServerInfo, Path],
                                           trained: dict[str, Path], exported: Path,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cellpipe import __version__
-from cellpipe.errors import CellpipeError, ParamsError
+from cellpipe.errors import CellpipeError, InputError, ParamsError
 from cellpipe.parallel import default_workers
 from cellpipe.params import DEFAULT_PARAMS_FILE, load_section
 
@@ -117,12 +117,32 @@ def _cmd_triton_status(args: argparse.Namespace) -> None:
 def _cmd_triton_classify(args: argparse.Namespace) -> None:
     from cellpipe.serving.client import TritonClassifier
 
+    readable, rejected = [], []
+    for path in args.files:
+        try:
+            readable.append((path, path.read_bytes()))
+        except OSError as error:
+            rejected.append((path, f"cannot read file: {error.strerror or error}"))
     with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
                           model_name=args.model_name) as client:
-        probabilities = client.classify_encoded([path.read_bytes() for path in args.files])
         names = client.contract.class_names
-    for path, row in zip(args.files, probabilities, strict=True):
+        try:
+            scored = list(zip(readable, client.classify_encoded([b for _, b in readable]),
+                              strict=True))
+        except CellpipeError:
+            # One undecodable file fails its whole request: score file by file to keep the rest.
+            scored = []
+            for item in readable:
+                try:
+                    scored.append((item, client.classify_encoded([item[1]])[0]))
+                except CellpipeError as error:
+                    rejected.append((item[0], str(error)))
+    for (path, _), row in scored:
         print(f"{path}\t{names[int(row.argmax())]}\t{row.max():.4f}")
+    for path, reason in rejected:
+        log.error("rejected %s: %s", path, reason)
+    if rejected:
+        raise InputError(f"{len(rejected)} of {len(args.files)} files could not be classified")
 
 
 def _cmd_triton_verify(args: argparse.Namespace) -> None:

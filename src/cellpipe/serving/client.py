@@ -172,9 +172,11 @@ class TritonClassifier:
         if "unknown model" in message or "is not found" in message or "not ready" in message:
             return ModelUnavailable(f"{self.url}: {message.strip()} (published models: "
                                     f"{self._served_models()})")
-        if isinstance(error, OSError | InferenceServerException):
+        if self._retryable(error):
             return CellpipeError(f"Triton at {self.url} ({self.protocol}) failed after "
                                  f"{self.retries} retries: {message.strip()}")
+        if isinstance(error, InferenceServerException):
+            return CellpipeError(f"Triton at {self.url} ({self.protocol}): {message.strip()}")
         return error
 
     def _fetch_contract(self, model: str) -> ModelContract:
