@@ -146,6 +146,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(shards: Path, man
         assert torch.equal(a, b), f"{key} differs after resume"
     history = pd.read_csv(tmp_path / "a" / "history.csv")
     assert history["epoch"].tolist() == list(range(1, 9))
-    pd.testing.assert_frame_equal(history.drop(columns="seconds"),
-                                  pd.read_csv(tmp_path / "b" / "history.csv").drop(
-                                      columns="seconds"))
+    # Tracked files hold no wall-clock time, so a resumed run writes the same bytes.
+    assert "seconds" not in history.columns
+    for name in ("history.csv", "metrics.json", "model.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def save_model(path: Path, classifier: Classifier, contract: ModelContract, *, b
         "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
         **info,
     }
+    # Saved through a buffer: given a path, torch names the archive's root folder after
+    # the (random) temporary file, and the same model would hash differently every run.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_model(path: Path) -> TrainedModel:

@@ -166,11 +166,15 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
     outcome = train(shards, params, device=Device.pick(device), checkpoints=out / "checkpoints",
                     fingerprint=fingerprint_of(params, manifest, shards))
     manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    history = pd.DataFrame.from_records(outcome.result.history)
+    timed = pd.DataFrame.from_records(outcome.result.history)
+    # Wall-clock seconds stay out of every tracked file: they differ on each run, and a
+    # rerun that reproduces the same weights must leave dvc.lock and git unchanged.
+    history = timed.drop(columns="seconds")
     save_model(model_path, outcome.model, outcome.contract, backbone=params.backbone,
                weights=params.weights, dropout=params.dropout,
                params=json.loads(params.model_dump_json()), manifest_sha256=manifest_sha,
-               val_macro_f1=outcome.result.best_score, history=outcome.result.history)
+               val_macro_f1=outcome.result.best_score,
+               history=history.to_dict(orient="records"))
     history.to_csv(out / "history.csv", index=False)
     outcome.pseudo_labels.to_csv(out / "pseudo_labels.csv", index=False)
     training_curves(history, out / "curves.png")
@@ -179,9 +183,9 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
         "val_macro_f1": float(best["val_macro_f1"]),
         "val_accuracy": float(best["val_accuracy"]),
         "epochs": len(history),
-        "seconds": round(float(history["seconds"].sum()), 1),
         "pseudo_labels": len(outcome.pseudo_labels),
     }
     write_json(out / "metrics.json", metrics)
-    log.info("best val macro-F1 %.4f; model saved to %s", metrics["val_macro_f1"], model_path)
+    log.info("best val macro-F1 %.4f after %d epochs (%.1f s); model saved to %s",
+             metrics["val_macro_f1"], metrics["epochs"], timed["seconds"].sum(), model_path)
     return metrics
