@@ -23,18 +23,25 @@ $(STAMP): pyproject.toml requirements.lock
 
 TRITON_PORTS ?= --http-port 8000 --grpc-port 8001 --metrics-port 8002
 
-## demo: fetch the demo data, run the pipeline, serve the model on a local Triton, check it
+## demo: fetch the demo data, run the pipeline, serve the model on a local Triton, check it,
+##       then score the held-out BCCD test slides through it
 demo: venv
 	dvc pull data.dvc
 	dvc repro
 	dvc metrics show
+	rm -rf outputs/demo_inbox && mkdir -p outputs/demo_inbox
+	for slide in $$(cat data/bccd/ImageSets/Main/test.txt); do cp data/bccd/JPEGImages/$$slide.jpg outputs/demo_inbox/; done
 	cellpipe triton start --repo triton_repo $(TRITON_PORTS)
-	cellpipe triton verify --split test; status=$$?; cellpipe triton stop; exit $$status
+	status=0; cellpipe triton verify --split test || status=$$?; \
+	  [ $$status -ne 0 ] || cellpipe score outputs/demo_inbox --out outputs/demo_results \
+	    --compare-voc data/bccd/Annotations || status=$$?; \
+	  cellpipe triton stop; exit $$status
 	@echo "Manifest:   outputs/ingest/manifest.parquet   (rejected: outputs/ingest/rejected.csv)"
 	@echo "Shards:     outputs/preprocess/shards/        (preview: outputs/preprocess/preview.png)"
 	@echo "Model:      models/classifier/model.pt        (curves: outputs/train/curves.png)"
 	@echo "Evaluation: outputs/evaluate/                 (confusion_matrix.png, reliability.png, mistakes.png)"
 	@echo "Served:     triton_repo/                      (ONNX + card: outputs/export/, report: outputs/publish/report.json)"
+	@echo "Scored:     outputs/demo_results/             (summary.csv, slides/*/overlay.png, objects.parquet, report.json)"
 
 ## test: the whole test suite, slow end-to-end tests included (what CI runs)
 test: venv

@@ -157,6 +157,88 @@ def _cmd_triton_verify(args: argparse.Namespace) -> None:
               f"macro-F1 {result['macro_f1']:.4f}")
 
 
+def _cmd_score(args: argparse.Namespace) -> None:
+    from cellpipe.serving.client import TritonClassifier
+    from cellpipe.slides.batch import ModelKey, score_inbox
+    from cellpipe.slides.reference import compare_with_voc, print_comparison
+    from cellpipe.slides.scoring import ScoreParams
+
+    params = load_section(ScoreParams, "score", args.params)
+    if args.mode:
+        params = params.model_copy(update={"mode": args.mode})
+    with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
+                          model_name=args.model_name) as client:
+        model = ModelKey(args.model_name, client.pin_served_version())
+        report = score_inbox(args.inbox, args.out, client, params, model)
+    for outcome in report["slides"]:
+        if outcome["status"] == "quarantined":
+            log.error("quarantined %s: %s", outcome["slide"], outcome["reason"])
+    _print_slide_table(args.out / "summary.csv", model.tag)
+    totals = report["totals"]
+    print(f"{totals['scored']} scored, {totals['skipped']} already done, "
+          f"{totals['quarantined']} quarantined; results in {args.out} "
+          f"(summary.csv, slides/*/overlay.png, report.json)")
+    if args.compare_voc:
+        print_comparison(compare_with_voc(args.out, args.compare_voc, model))
+
+
+def _print_slide_table(summary_csv: Path, model_tag: str) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(summary_csv) if summary_csv.stat().st_size > 1 else pd.DataFrame()
+    if table.empty:
+        return
+    table = table[table["model"] == model_tag]
+    columns = ["slide", "objects", *[c for c in table.columns if c.startswith("n_")], "result"]
+    print(table[columns].to_string(index=False))
+
+
+def _prepare_flows(args: argparse.Namespace, api_url: str | None = None):  # noqa: ANN202
+    """Offline Prefect settings, then the repository's flows/deployments module."""
+    from cellpipe.orchestration import apply_prefect_environment
+
+    repo = args.repo.resolve()
+    if not (repo / "flows" / "deployments.py").is_file():
+        raise InputError(f"{repo} holds no flows/deployments.py (use --repo)")
+    apply_prefect_environment(repo / ".cellpipe" / "prefect", api_url)
+    sys.path.insert(0, str(repo))
+    import flows.deployments
+
+    return repo, flows.deployments
+
+
+def _cmd_flows_serve(args: argparse.Namespace) -> None:
+    from cellpipe.orchestration import PrefectServer
+
+    server = PrefectServer(args.repo.resolve() / ".cellpipe" / "prefect", args.port)
+    repo, deployments = _prepare_flows(args, server.api_url)
+    params = load_section(deployments.FlowsParams, "flows", repo / "params.yaml")
+    server.start()
+    try:
+        log.info("serving the training and scoring deployments; Ctrl-C or SIGTERM stops")
+        deployments.serve_deployments(params, repo, url=args.url, interval_s=args.interval,
+                                      only=args.only)
+    finally:
+        server.stop()
+
+
+def _cmd_flows_run(args: argparse.Namespace) -> None:
+    repo, deployments = _prepare_flows(args)
+    params = load_section(deployments.FlowsParams, "flows", repo / "params.yaml")
+    if args.flow == "training":
+        from flows.training import training
+
+        training(repo=str(repo))
+    else:
+        from flows.scoring import scoring
+
+        result = scoring(inbox=args.inbox or params.inbox, out=args.out or params.results,
+                         url=args.url, protocol=params.protocol,
+                         params_file=str(repo / "params.yaml"),
+                         triton_state_dir=str(repo / ".cellpipe" / "triton"))
+        print(result["totals"])
+
+
 def _server_url(args: argparse.Namespace, protocol: str) -> str:
     """--url if given, else the local server started by `cellpipe triton start`."""
     if args.url:
@@ -273,10 +355,54 @@ def build_parser() -> argparse.ArgumentParser:
                          help="retire the served version and serve the previous one")
 
     _add_triton_commands(commands)
+    _add_score_command(commands)
+    _add_flows_command(commands)
 
     backbones = commands.add_parser("backbones", help="List the registered backbones.")
     backbones.set_defaults(handler=_cmd_backbones)
     return parser
+
+
+def _add_score_command(commands: argparse._SubParsersAction) -> None:
+    """``cellpipe score INBOX --out RESULTS``: the daily batch, through Triton."""
+    score = _add_command(
+        commands, "score", _cmd_score, "Score every new slide of an inbox on Triton.",
+        "Each slide is scored once per (content, model version): a rerun skips what is done "
+        "and finishes what a crash left. Unreadable slides are quarantined with the reason. "
+        "Tunables: the 'score' section of params.yaml.", runs_on="none")
+    score.add_argument("inbox", help="folder or fsspec URL of slide images")
+    score.add_argument("--out", type=Path, required=True, help="results folder")
+    score.add_argument("--mode", choices=("cells", "tiles"), help="override score.mode")
+    score.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    score.add_argument("--url", help="host:port for --protocol (default: the local server)")
+    score.add_argument("--model-name", default="cell_classifier",
+                       help="published model name (default: %(default)s)")
+    score.add_argument("--state-dir", type=Path, default=Path(".cellpipe/triton"),
+                       help="where `cellpipe triton start` keeps the local server's state")
+    score.add_argument("--compare-voc", type=Path, metavar="ANNOTATIONS",
+                       help="a VOC Annotations folder: compare the counts with its boxes")
+
+
+def _add_flows_command(commands: argparse._SubParsersAction) -> None:
+    """``cellpipe flows serve|run``: the Prefect side."""
+    flows = commands.add_parser("flows", help="Run or schedule the Prefect flows.",
+                                description="Deployments and schedules: params.yaml 'flows'.")
+    actions = flows.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = actions.add_parser("serve", help="Start a local Prefect server and serve the "
+                                             "scheduled deployments until stopped.")
+    serve.set_defaults(handler=_cmd_flows_serve)
+    serve.add_argument("--port", type=int, default=4200, help="Prefect API port on 127.0.0.1")
+    serve.add_argument("--interval", type=float, help="seconds between runs instead of the crons")
+    serve.add_argument("--only", choices=("training", "scoring"), help="serve one flow only")
+    run = actions.add_parser("run", help="Run one flow now (Prefect's ephemeral mode).")
+    run.set_defaults(handler=_cmd_flows_run)
+    run.add_argument("flow", choices=("training", "scoring"))
+    run.add_argument("--inbox", help="scoring: inbox (default: flows.inbox)")
+    run.add_argument("--out", help="scoring: results folder (default: flows.results)")
+    for command in (serve, run):
+        command.add_argument("--repo", type=Path, default=Path("."),
+                             help="the cellpipe repository (default: the current folder)")
+        command.add_argument("--url", help="Triton host:port (default: the local server)")
 
 
 def _add_triton_commands(commands: argparse._SubParsersAction) -> None:

@@ -96,17 +96,20 @@ def decode_rgb(data: bytes, *, scaling: BitDepthScaling = "percentile",
     return _read_pillow(stream, scaling, limits)
 
 
-def to_rgb_uint8(array: np.ndarray, scaling: BitDepthScaling = "percentile") -> np.ndarray:
+def to_rgb_uint8(array: np.ndarray, scaling: BitDepthScaling = "percentile", *,
+                 value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Convert a decoded H×W or H×W×C array of any dtype to H×W×3 uint8.
 
     Gray is replicated to three channels; alpha (RGBA, gray+alpha) is dropped,
-    since microscopy alpha carries no stain information.
+    since microscopy alpha carries no stain information. ``value_range`` fixes the
+    input values mapped to 0 and 255 (from :func:`value_range_of` on a whole slide's
+    overview), so every region of one slide is scaled alike.
     """
     if array.ndim == 2:
         array = array[..., np.newaxis]
     if array.ndim != 3:
         raise ImageRejected(f"unsupported array shape {array.shape}")
-    array = _as_uint8(array, scaling)
+    array = _as_uint8(array, scaling, value_range)
     channels = array.shape[-1]
     if channels in (1, 2):
         return np.repeat(array[..., :1], 3, axis=-1)
@@ -185,7 +188,7 @@ def _read_pillow(path: Path | BinaryIO, scaling: BitDepthScaling,
         return np.asarray(image.convert("RGB"))
 
 
-def _usable_tiff_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+def usable_tiff_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     """Main-resolution pages: pyramid levels and thumbnails are not separate images."""
     return [page for page in tif.pages if not getattr(page, "is_reduced", False)]
 
@@ -212,7 +215,7 @@ def _decode_tiff_page(page: tifffile.TiffPage) -> np.ndarray:
 
 def _probe_tiff(path: Path, limits: ImageLimits, pages: Literal["first", "all"]) -> list[PageInfo]:
     with _open_tiff(path) as tif:
-        usable = _usable_tiff_pages(tif)
+        usable = usable_tiff_pages(tif)
         if not usable:
             raise ImageRejected("TIFF has no image pages")
         selected = usable[:1] if pages == "first" else usable
@@ -227,7 +230,7 @@ def _probe_tiff(path: Path, limits: ImageLimits, pages: Literal["first", "all"])
 def _read_tiff_page(path: Path | BinaryIO, page: int, scaling: BitDepthScaling,
                     limits: ImageLimits) -> np.ndarray:
     with _open_tiff(path) as tif:
-        usable = _usable_tiff_pages(tif)
+        usable = usable_tiff_pages(tif)
         if page >= len(usable):
             raise ImageRejected(f"TIFF has {len(usable)} usable pages, page {page} requested")
         selected = usable[page]
@@ -235,20 +238,25 @@ def _read_tiff_page(path: Path | BinaryIO, page: int, scaling: BitDepthScaling,
         return to_rgb_uint8(_decode_tiff_page(selected), scaling)
 
 
-def _as_uint8(array: np.ndarray, scaling: BitDepthScaling) -> np.ndarray:
+def value_range_of(array: np.ndarray, scaling: BitDepthScaling) -> tuple[float, float]:
+    """Input values that ``scaling`` maps to 0 and 255 for this array's dtype and content."""
+    if scaling == "percentile":
+        low, high = np.percentile(array.astype(np.float32), [_LOW_PERCENTILE, _HIGH_PERCENTILE])
+    elif np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        low, high = info.min, info.max
+    else:
+        low, high = 0.0, 1.0  # float images are conventionally in [0, 1]
+    return float(low), float(max(high, low + 1.0))
+
+
+def _as_uint8(array: np.ndarray, scaling: BitDepthScaling,
+              value_range: tuple[float, float] | None = None) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     values = array.astype(np.float32)
-    if scaling == "percentile":
-        low, high = np.percentile(values, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
-    elif np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(array.dtype)
-        low, high = float(info.min), float(info.max)
-    else:
-        low, high = 0.0, 1.0  # float images are conventionally in [0, 1]
-    if high <= low:
-        high = low + 1.0
+    low, high = value_range or value_range_of(array, scaling)
     scaled = (values - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -70,6 +70,23 @@ class TritonClassifier:
             self._contract = self._fetch_contract(self.model_name)
         return self._contract
 
+    def pin_served_version(self) -> str:
+        """Fix the version this client scores with to the one the server serves now.
+
+        Results are keyed by model version; pinning it keeps one batch on one version
+        even if a publish swaps the served version half-way.
+        """
+        if not self.model_version:
+            client = self._client()
+            metadata = self._with_retries(lambda: client.get_model_metadata(
+                self.model_name, **({"as_json": True} if self.protocol == "grpc" else {})))
+            versions = sorted(metadata.get("versions", []), key=int)
+            if not versions:
+                raise ModelUnavailable(f"{self.url} serves no version of {self.model_name!r}")
+            self.model_version = versions[-1]
+            self._contract = None  # re-read for exactly this version
+        return self.model_version
+
     def check_contract(self, local: ModelContract) -> None:
         """Raise :class:`ContractMismatch` naming every field where server and local differ."""
         served = self.contract

@@ -1,0 +1,1 @@
+"""Prefect flows of cellpipe: `training` (DVC pipeline → publish) and `scoring` (slides → Triton)."""

@@ -1,0 +1,115 @@
+"""The `scoring` flow: every new slide of an inbox scored on Triton, one task per slide.
+
+Slides map onto tasks (threads by default, Dask workers with ``dask=True``); Triton I/O
+sits in tasks that retry. The per-slide summaries end up in a markdown artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cellpipe.params import load_section
+from cellpipe.serving.client import TritonClassifier
+from cellpipe.serving.server import LocalTriton
+from cellpipe.slides.batch import (
+    InboxSlide,
+    ModelKey,
+    SlideOutcome,
+    list_inbox,
+    remove_partial_results,
+    score_and_write,
+    utc_now,
+    write_run_report,
+)
+from cellpipe.slides.scoring import ScoreParams
+
+RETRY_DELAYS_S = [2, 10, 30]
+
+
+@task(name="served-model", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def served_model(url: str, protocol: str, model_name: str) -> ModelKey:
+    """The model version the server serves now; every slide of this run uses it."""
+    with TritonClassifier(url, protocol=protocol, model_name=model_name) as client:
+        return ModelKey(model_name, client.pin_served_version())
+
+
+@task(name="list-inbox")
+def pending_slides(inbox: str, out: Path) -> list[InboxSlide]:
+    remove_partial_results(out)
+    return list_inbox(inbox)[1]
+
+
+@task(name="score-slide", retries=2, retry_delay_seconds=RETRY_DELAYS_S,
+      task_run_name="score {slide.name}")
+def score_one(slide: InboxSlide, inbox: str, out: Path, url: str, protocol: str,
+              model: ModelKey, params: ScoreParams) -> SlideOutcome:
+    """Score one slide (skipped when done, quarantined when unreadable). A Triton error
+    fails the task, so Prefect retries it; the slide's result is written atomically."""
+    fs = list_inbox(inbox)[0]
+    with TritonClassifier(url, protocol=protocol, model_name=model.name,
+                          model_version=model.version) as client:
+        return score_and_write(fs, slide, out, client, params, model)
+
+
+@task(name="report")
+def report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
+           started: str) -> dict:
+    return write_run_report(out, inbox, model, outcomes, started)
+
+
+@flow(name="scoring", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc",
+            model_name: str = "cell_classifier", params_file: str = "params.yaml",
+            triton_state_dir: str = ".cellpipe/triton") -> dict:
+    """Score the inbox's new slides into ``out``; publish a table of the summaries."""
+    logger = get_run_logger()
+    started = utc_now()
+    params = load_section(ScoreParams, "score", Path(params_file))
+    url = url or _local_server_url(Path(triton_state_dir), protocol)
+    results = Path(out)
+    model = served_model(url, protocol, model_name)
+    slides = pending_slides(inbox, results)
+    futures = score_one.map(slides, inbox=inbox, out=results, url=url, protocol=protocol,
+                            model=model, params=params)
+    outcomes = [future.result() for future in futures]
+    run = report(results, inbox, model, outcomes, started)
+    logger.info("%s", run["totals"])
+    create_markdown_artifact(key="slide-summaries", markdown=_markdown(outcomes),
+                             description=f"Slides scored with {model.tag}")
+    return run
+
+
+def scoring_on_dask(workers: int = 2):  # noqa: ANN201 (a Prefect Flow)
+    """The same flow with per-slide tasks on a local Dask cluster (many slides)."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                            "dashboard_address": None})
+    return scoring.with_options(task_runner=runner)
+
+
+def _local_server_url(state_dir: Path, protocol: str) -> str:
+    info = LocalTriton(state_dir).running()
+    if info is None:
+        raise RuntimeError("no url given and no local Triton runs (`cellpipe triton start`)")
+    return info.url(protocol)
+
+
+def _markdown(outcomes: list[SlideOutcome]) -> str:
+    classes = sorted({name for o in outcomes for name in o.counts})
+    lines = ["| slide | status | " + " | ".join(classes) + " | note |",
+             "|---|---|" + "---|" * len(classes) + "---|"]
+    for o in outcomes:
+        counts = " | ".join(str(o.counts.get(name, "")) for name in classes)
+        lines.append(f"| {o.slide} | {o.status} | {counts} | {o.reason or o.result or ''} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    scoring(*sys.argv[1:3])

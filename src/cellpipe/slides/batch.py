@@ -1,0 +1,277 @@
+"""Score every slide of an inbox once per (slide content, model version); keep the rest.
+
+Layout of a results folder::
+
+    slides/<name>-<sha12>-<model>-v<version>/   one per scored slide, renamed into place
+        objects.parquet   one row per cell or tile
+        summary.json      counts, fractions, timings, provenance
+        overlay.png       boxes (cells) or a heatmap (tiles) over the slide
+    quarantine/<name>.json                      a slide that could not be scored, and why
+    runs/<start time>.json                      what one run scored, skipped, quarantined
+    report.json                                 the latest run's report
+    summary.csv                                 every scored slide's counts, one row each
+
+A result folder is written under a temporary name and renamed when complete, so a run
+killed at any point leaves either a whole result or none, and the next run scores
+exactly the slides without one. A slide that cannot be read is quarantined with its
+reason while the batch goes on; a server that cannot be reached stops the batch instead,
+because that says nothing about the slides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import fsspec
+import pandas as pd
+from tqdm import tqdm
+
+from cellpipe.errors import CellpipeError
+from cellpipe.fsutil import atomic_dir, atomic_path, file_sha256, write_json
+from cellpipe.slides.readers import SLIDE_SUFFIXES, SlideUnreadable, open_slide
+from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
+
+log = logging.getLogger(__name__)
+
+Status = Literal["scored", "skipped", "quarantined"]
+
+
+@dataclass(frozen=True)
+class InboxSlide:
+    """A slide file in the inbox: its fsspec path and its name relative to the inbox."""
+
+    path: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    slide: str
+    status: Status
+    result: str | None = None   # result folder, relative to the results root
+    reason: str | None = None   # why it was quarantined
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Which model a result belongs to; part of every result folder's name."""
+
+    name: str
+    version: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}-v{self.version}"
+
+
+# --- the inbox ---------------------------------------------------------------------------
+
+
+def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]:
+    """Every file under ``inbox`` (a folder or an fsspec URL), hidden files excepted.
+
+    Files of any suffix are listed, so an unsupported one is quarantined with a reason
+    rather than silently ignored.
+    """
+    fs, root = fsspec.core.url_to_fs(inbox)
+    if not fs.isdir(root):
+        raise CellpipeError(f"inbox {inbox} is not a folder")
+    root = root.rstrip("/")
+    slides = []
+    for path in sorted(fs.find(root)):
+        name = path[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in name.split("/")):
+            continue
+        if _is_companion(name):
+            continue
+        slides.append(InboxSlide(path, name))
+    return fs, slides
+
+
+def _is_companion(name: str) -> bool:
+    """Index and data files of a MIRAX slide (beside its .mrxs) are not slides themselves."""
+    return name.lower().endswith((".dat", ".ini"))
+
+
+@contextmanager
+def local_copy(fs: fsspec.AbstractFileSystem, slide: InboxSlide) -> Iterator[Path]:
+    """A local path to the slide: itself on a local disk, else a temporary download
+    (OpenSlide and tifffile need real files)."""
+    if "file" in _protocols(fs):
+        yield Path(slide.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="cellpipe-slide-") as folder:
+        target = Path(folder) / Path(slide.name).name
+        fs.get(slide.path, str(target))
+        yield target
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+# --- one slide -------------------------------------------------------------------------
+
+
+def result_name(slide: InboxSlide, sha256: str, model: ModelKey) -> str:
+    """The result folder's name: readable slide name, content hash, model version."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide.name.rsplit(".", 1)[0])
+    return f"{stem}-{sha256[:12]}-{model.tag}"
+
+
+def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
+                    classifier: ImageClassifier, params: ScoreParams,
+                    model: ModelKey) -> SlideOutcome:
+    """Score one slide unless its result exists; quarantine it if it cannot be read.
+
+    Errors from the classifier (server down, model missing) are raised: they are not
+    the slide's fault, and the slide must stay pending for the next run.
+    """
+    try:
+        with local_copy(fs, slide) as path:
+            if path.suffix.lower() not in SLIDE_SUFFIXES:
+                raise SlideUnreadable(f"unsupported slide format '{path.suffix or path.name}'")
+            sha256 = file_sha256(path)
+            name = result_name(slide, sha256, model)
+            target = out / "slides" / name
+            if target.is_dir():
+                _release(out, slide)
+                return SlideOutcome(slide.name, "skipped", f"slides/{name}")
+            started = time.perf_counter()
+            with open_slide(path) as reader:
+                result = score_slide(reader, classifier, params)
+                dimensions = reader.dimensions
+            summary = _summary(slide, sha256, dimensions, result, params, model, started)
+    except SlideUnreadable as error:
+        return _quarantine(out, slide, str(error))
+    except CellpipeError:
+        raise
+    except (OSError, ValueError, MemoryError) as error:
+        log.exception("%s: could not be scored", slide.name)
+        return _quarantine(out, slide, f"{type(error).__name__}: {error}")
+    write_result(target, result, summary)
+    _release(out, slide)
+    return SlideOutcome(slide.name, "scored", f"slides/{name}", counts=result.counts)
+
+
+def write_result(target: Path, result: SlideResult, summary: dict) -> None:
+    """Write the slide's folder under a temporary name, then rename it into place."""
+    started = time.perf_counter()
+    with atomic_dir(target) as folder:
+        result.objects.to_parquet(folder / "objects.parquet", index=False)
+        for name, overlay in result.overlays.items():
+            overlay.save(folder / f"{name}.png")
+        summary["timings"]["write"] = round(time.perf_counter() - started, 4)
+        write_json(folder / "summary.json", summary)
+
+
+def _summary(slide: InboxSlide, sha256: str, dimensions: tuple[int, int], result: SlideResult,
+             params: ScoreParams, model: ModelKey, started: float) -> dict:
+    total = sum(result.counts.values())
+    return {
+        "slide": slide.name,
+        "sha256": sha256,
+        "width": dimensions[0],
+        "height": dimensions[1],
+        "mode": params.mode,
+        "model": {"name": model.name, "version": model.version},
+        "objects": total,
+        "counts": result.counts,
+        "fractions": {name: round(count / total, 6) if total else 0.0
+                      for name, count in result.counts.items()},
+        "timings": {**{k: round(v, 4) for k, v in result.timings.items()},
+                    "total": round(time.perf_counter() - started, 4)},
+        "scored_at": utc_now(),
+    }
+
+
+def _quarantine(out: Path, slide: InboxSlide, reason: str) -> SlideOutcome:
+    log.warning("quarantined %s: %s", slide.name, reason)
+    write_json(_quarantine_file(out, slide),
+               {"slide": slide.name, "path": slide.path, "reason": reason, "at": utc_now()})
+    return SlideOutcome(slide.name, "quarantined", reason=reason)
+
+
+def _release(out: Path, slide: InboxSlide) -> None:
+    """A slide that scores now is no longer in quarantine."""
+    _quarantine_file(out, slide).unlink(missing_ok=True)
+
+
+def _quarantine_file(out: Path, slide: InboxSlide) -> Path:
+    return out / "quarantine" / (re.sub(r"[^A-Za-z0-9._-]+", "_", slide.name) + ".json")
+
+
+# --- a whole run -------------------------------------------------------------------------
+
+
+def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: ScoreParams,
+                model: ModelKey) -> dict:
+    """Score every pending slide of ``inbox`` into ``out``; return the run report."""
+    started = utc_now()
+    remove_partial_results(out)
+    fs, slides = list_inbox(inbox)
+    log.info("%d files in %s; results in %s (model %s)", len(slides), inbox, out, model.tag)
+    outcomes = []
+    for slide in tqdm(slides, desc="score slides", unit="slide"):
+        outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
+    return write_run_report(out, inbox, model, outcomes, started)
+
+
+def remove_partial_results(out: Path) -> None:
+    """Delete temporary folders a killed run left behind (never a finished result)."""
+    for leftover in (out / "slides").glob(".*.tmp"):
+        log.info("removing the partial result %s of an interrupted run", leftover.name)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
+                     started: str) -> dict:
+    """The run's report (runs/ and report.json) and summary.csv over every result."""
+    report = {
+        "inbox": inbox,
+        "model": asdict(model),
+        "started": started,
+        "finished": utc_now(),
+        "totals": {status: sum(o.status == status for o in outcomes)
+                   for status in ("scored", "skipped", "quarantined")},
+        "slides": [asdict(outcome) for outcome in outcomes],
+    }
+    write_json(out / "runs" / f"{started.replace(':', '')}.json", report)
+    write_json(out / "report.json", report)
+    write_summary_table(out)
+    return report
+
+
+def write_summary_table(out: Path) -> pd.DataFrame:
+    """summary.csv: one row per result folder, so it can never hold a slide twice."""
+    rows = []
+    for summary_file in sorted((out / "slides").glob("*/summary.json")):
+        summary = json.loads(summary_file.read_text())
+        rows.append({"slide": summary["slide"], "sha256": summary["sha256"],
+                     "model": f"{summary['model']['name']}-v{summary['model']['version']}",
+                     "objects": summary["objects"],
+                     **{f"n_{k}": v for k, v in summary["counts"].items()},
+                     **{f"frac_{k}": v for k, v in summary["fractions"].items()},
+                     "seconds": summary["timings"]["total"],
+                     "result": summary_file.parent.relative_to(out).as_posix()})
+    table = pd.DataFrame(rows)
+    with atomic_path(out / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,265 @@
+"""Open any slide image behind one small reader interface (TIAToolbox's reader-factory idea).
+
+* ``PillowSlide``   PNG, JPEG, BMP: camera fields of a few megapixels, decoded whole.
+* ``TiffSlide``     TIFF of any bit depth, multi-page (each page a field) and tiled or
+                    pyramidal, through tifffile + zarr: a region decodes only the tiles
+                    or strips it touches, so a slide never sits whole in memory.
+* ``OpenSlideSlide`` whole-slide formats (.svs, .ndpi, .mrxs, .scn, …) through OpenSlide
+                    (openslide-python with the openslide-bin library from PyPI).
+
+Regions come back as H×W×3 uint8 RGB. Deeper bit depths are scaled with one value range
+per page, taken from the page's overview, so every region of a slide is scaled alike.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+
+from cellpipe.data.geometry import Box
+from cellpipe.data.imageio import (
+    BitDepthScaling,
+    ImageLimits,
+    ImageRejected,
+    read_rgb,
+    to_rgb_uint8,
+    usable_tiff_pages,
+    value_range_of,
+)
+from cellpipe.errors import CellpipeError
+
+PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+OPENSLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+                                ".svslide", ".tif", ".tiff"})
+SLIDE_SUFFIXES = PILLOW_SUFFIXES | TIFF_SUFFIXES | OPENSLIDE_SUFFIXES
+
+
+class SlideUnreadable(CellpipeError):
+    """The slide cannot be opened or decoded; the message says why."""
+
+
+class SlideReader(ABC):
+    """Lazy access to one slide: levels (resolutions) and pages (separate fields)."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        """(width, height) of every level, full resolution first."""
+
+    @property
+    def pages(self) -> int:
+        """Separate fields in the file (pages of a multi-page TIFF); 1 for most slides."""
+        return 1
+
+    @abstractmethod
+    def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
+        """Pixels of ``box`` (in ``level``'s coordinates) as H×W×3 uint8 RGB."""
+
+    def close(self) -> None:  # noqa: B027 (most readers hold nothing to close)
+        """Release file handles."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def downsample(self, level: int) -> float:
+        """Full-resolution pixels per pixel of ``level``."""
+        return self.dimensions[0] / self.level_dimensions[level][0]
+
+    def overview(self, max_side: int, *, page: int = 0) -> tuple[np.ndarray, float]:
+        """The whole page at most ``max_side`` px wide or tall, and its scale (px per level-0 px).
+
+        Read from the coarsest level that is still at least ``max_side`` px, so a
+        pyramid's overview costs one small level, not the full slide.
+        """
+        level = self._overview_level(max_side)
+        width, height = self.level_dimensions[level]
+        image = self.read_region(Box(0, 0, width, height), level=level, page=page)
+        factor = min(1.0, max_side / max(width, height))
+        if factor < 1.0:
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        return image, image.shape[1] / self.dimensions[0]
+
+    def _overview_level(self, max_side: int) -> int:
+        candidates = [level for level, (w, h) in enumerate(self.level_dimensions)
+                      if max(w, h) >= max_side]
+        return candidates[-1] if candidates else len(self.level_dimensions) - 1
+
+
+class PillowSlide(SlideReader):
+    """A camera field (PNG/JPEG/BMP), decoded once: these are a few megapixels at most."""
+
+    def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile",
+                 limits: ImageLimits = ImageLimits()) -> None:
+        self.path = path
+        try:
+            self._rgb = read_rgb(path, scaling=scaling, limits=limits)
+        except ImageRejected as error:
+            raise SlideUnreadable(str(error)) from error
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(self._rgb.shape[1], self._rgb.shape[0])]
+
+    def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
+        _check_index("level", level, 1)
+        _check_index("page", page, 1)
+        return self._rgb[box.y0:box.y1, box.x0:box.x1]
+
+
+class TiffSlide(SlideReader):
+    """TIFF through tifffile; regions read lazily through its zarr store."""
+
+    def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile") -> None:
+        self.path, self._scaling = path, scaling
+        try:
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+            if len(series.levels) > 1:  # a pyramid: one field, several resolutions
+                store = zarr.open(series.aszarr(), mode="r")  # a group: one array per level
+                self._levels = [store[str(index)] for index in range(len(series.levels))]
+                self._pages = [self._levels[0]]
+            else:  # every full-resolution page is a field of its own
+                self._pages = [zarr.open(page.aszarr(), mode="r")
+                               for page in usable_tiff_pages(self._tif)]
+                self._levels = self._pages[:1]
+            if not self._pages:
+                raise SlideUnreadable("TIFF has no image pages")
+        except SlideUnreadable:
+            raise
+        except Exception as error:  # tifffile raises many types for broken headers
+            raise SlideUnreadable(f"not a readable TIFF: {type(error).__name__}: {error}") \
+                from error
+        self._value_ranges: dict[int, tuple[float, float]] = {}
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [_width_height(array) for array in self._levels]
+
+    @property
+    def pages(self) -> int:
+        return len(self._pages)
+
+    def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
+        _check_index("page", page, self.pages)
+        _check_index("level", level, len(self._levels))
+        array = self._levels[level] if self.pages == 1 else self._pages[page]
+        try:
+            if _is_planar(array):
+                raw = np.moveaxis(array[:, box.y0:box.y1, box.x0:box.x1], 0, -1)
+            else:
+                raw = array[box.y0:box.y1, box.x0:box.x1]
+        except Exception as error:  # codec errors from imagecodecs carry their own types
+            raise SlideUnreadable(f"cannot decode region {box.as_tuple()} of page {page} "
+                                  f"(truncated or corrupt): {type(error).__name__}: {error}") \
+                from error
+        if raw.dtype == np.uint8:
+            return to_rgb_uint8(raw)
+        return to_rgb_uint8(raw, value_range=self._value_range(page))
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def _value_range(self, page: int) -> tuple[float, float]:
+        """One 8-bit scaling per page, from a strided sample of the coarsest level."""
+        if page not in self._value_ranges:
+            array = self._levels[-1] if self.pages == 1 else self._pages[page]
+            width, height = _width_height(array)
+            step = max(1, math.ceil(max(width, height) / 1024))
+            sample = array[:, ::step, ::step] if _is_planar(array) else array[::step, ::step]
+            self._value_ranges[page] = value_range_of(np.asarray(sample), self._scaling)
+        return self._value_ranges[page]
+
+
+class OpenSlideSlide(SlideReader):
+    """Whole-slide images in vendor formats, through OpenSlide."""
+
+    def __init__(self, path: Path) -> None:
+        import openslide  # imported here: loading the C library is only needed for WSIs
+
+        self.path = path
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError) as error:
+            raise SlideUnreadable(f"OpenSlide cannot open it: {error}") from error
+        self._error = openslide.OpenSlideError
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return list(self._slide.level_dimensions)
+
+    def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
+        _check_index("page", page, 1)
+        _check_index("level", level, self._slide.level_count)
+        scale = self._slide.level_downsamples[level]
+        location = (round(box.x0 * scale), round(box.y0 * scale))
+        try:
+            region = self._slide.read_region(location, level, (box.width, box.height))
+        except self._error as error:
+            raise SlideUnreadable(f"cannot read region {box.as_tuple()}: {error}") from error
+        # Transparent pixels lie outside the scanned area: show them as white background.
+        background = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, region).convert("RGB"))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def open_slide(path: Path, *, scaling: BitDepthScaling = "percentile") -> SlideReader:
+    """The reader for ``path``, chosen by its content where the suffix is ambiguous.
+
+    A ``.tif`` that OpenSlide recognises as a vendor format (Aperio, Philips, Ventana…)
+    goes to OpenSlide; other TIFFs to tifffile, which also reads 16-bit and multi-page.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in SLIDE_SUFFIXES:
+        raise SlideUnreadable(f"unsupported slide format '{suffix or path.name}' "
+                              f"(supported: {', '.join(sorted(SLIDE_SUFFIXES))})")
+    if not path.is_file():
+        raise SlideUnreadable(f"no such file: {path}")
+    if suffix in PILLOW_SUFFIXES:
+        return PillowSlide(path, scaling=scaling)
+    if suffix in TIFF_SUFFIXES and _openslide_vendor(path) in (None, "generic-tiff"):
+        return TiffSlide(path, scaling=scaling)
+    return OpenSlideSlide(path)
+
+
+def _openslide_vendor(path: Path) -> str | None:
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError):
+        return None
+
+
+def _is_planar(array: zarr.Array) -> bool:
+    """Separate colour planes (S×H×W), as some scanners write RGB TIFFs."""
+    return array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (1, 2, 3, 4)
+
+
+def _width_height(array: zarr.Array) -> tuple[int, int]:
+    if _is_planar(array):
+        return int(array.shape[2]), int(array.shape[1])
+    return int(array.shape[1]), int(array.shape[0])
+
+
+def _check_index(name: str, value: int, count: int) -> None:
+    if not 0 <= value < count:
+        raise ValueError(f"{name} {value} out of range: the slide has {count}")

@@ -1,0 +1,303 @@
+"""Score one slide: read → find objects → infer → post-process, with timings per phase.
+
+The classifier is anything with a ``contract`` and ``classify_images`` (the Triton client
+in production, onnxruntime in-process for checks). Every object is cropped exactly as
+ingest cropped the training objects (``crop_box``) and fitted to the model's input as
+preprocess did (``fit_to_contract``), so the served model sees what it learned from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from pydantic import Field
+
+from cellpipe.contract import ModelContract, fit_to_contract
+from cellpipe.data.geometry import Box, crop_box
+from cellpipe.params import StageParams
+from cellpipe.slides.cells import CellFinderParams, FoundCell, find_cells
+from cellpipe.slides.readers import SlideReader
+from cellpipe.slides.tiles import TileParams, tissue_tiles
+
+# Distinct colours for classes in overlays (tab10), cycled past ten classes.
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+class ImageClassifier(Protocol):
+    """What scoring needs from a model: its contract and probabilities for fitted images."""
+
+    contract: ModelContract
+    model_name: str
+    model_version: str
+
+    def classify_images(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class ScoreParams(StageParams):
+    """How slides are cut and scored (``score:`` in params.yaml)."""
+
+    mode: Literal["cells", "tiles"] = "cells"
+    cells: CellFinderParams = CellFinderParams()
+    tiles: TileParams = TileParams()
+    pad_fraction: float = Field(0.15, ge=0, le=2,
+                                description="crop margin × the object's longer side, as ingest")
+    nucleated_classes: tuple[str, ...] = Field(
+        ("WBC",), description="classes only a stained object can be (a white cell has a nucleus)")
+    merge_overlap: float = Field(0.3, gt=0, le=1,
+                                 description="stained objects of one class overlapping this "
+                                             "share of the smaller box are one cell")
+    part_inside: float = Field(0.6, gt=0, le=1,
+                               description="unstained objects this much inside a nucleated "
+                                           "cell's box are part of it")
+    window: int = Field(4096, ge=256, description="cells mode reads the slide in windows this big")
+    overlay_size: int = Field(2048, ge=64, description="longest side of the overlay PNG")
+
+
+@dataclass
+class SlideResult:
+    """What scoring one slide produced, before it is written."""
+
+    objects: pd.DataFrame
+    counts: dict[str, int]
+    timings: dict[str, float]
+    overlays: dict[str, Image.Image] = field(default_factory=dict)
+
+
+class _Timer:
+    """Seconds spent per phase, summed over windows."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"read": 0.0, "find": 0.0, "infer": 0.0}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def score_slide(reader: SlideReader, classifier: ImageClassifier,
+                params: ScoreParams) -> SlideResult:
+    """Every object of every page of ``reader``, classified; counts, timings and overlays."""
+    timer = _Timer()
+    frames = []
+    for page in range(reader.pages):
+        if params.mode == "cells":
+            frames.append(_score_cells(reader, page, classifier, params, timer))
+        else:
+            frames.append(_score_tiles(reader, page, classifier, params, timer))
+    objects = _objects_table(frames, classifier)
+    with timer.phase("overlay"):
+        overlays = {(f"overlay_p{page}" if page else "overlay"):
+                    draw_overlay(reader, objects[objects["page"] == page], page, params,
+                                 classifier.contract.class_names)
+                    for page in range(reader.pages)}
+    names = classifier.contract.class_names
+    counts = {name: int((objects["class"] == name).sum()) for name in names}
+    return SlideResult(objects, counts, timer.seconds, overlays)
+
+
+# --- cells -----------------------------------------------------------------------------
+
+
+def _score_cells(reader: SlideReader, page: int, classifier: ImageClassifier,
+                 params: ScoreParams, timer: _Timer) -> pd.DataFrame:
+    """Find, crop and classify cells window by window, so a huge slide is never whole."""
+    contract = classifier.contract
+    margin = round(2 * params.cells.cell_diameter)  # a cell on a window edge is whole in one
+    width, height = reader.dimensions
+    boxes: list[Box] = []
+    stained: list[bool] = []
+    probabilities = []
+    for core in _windows(width, height, params.window):
+        read_box = Box(max(0, core.x0 - margin), max(0, core.y0 - margin),
+                       min(width, core.x1 + margin), min(height, core.y1 + margin))
+        with timer.phase("read"):
+            field_rgb = reader.read_region(read_box, page=page)
+        with timer.phase("find"):
+            cells = [cell for cell in find_cells(field_rgb, params.cells)
+                     if _centre_inside(cell.box, core, read_box)]
+            crops = [_crop(field_rgb, cell, params, contract) for cell in cells]
+        if not cells:
+            continue
+        with timer.phase("infer"):
+            probabilities.append(classifier.classify_images(np.stack(crops)))
+        boxes += [Box(c.box.x0 + read_box.x0, c.box.y0 + read_box.y0,
+                      c.box.x1 + read_box.x0, c.box.y1 + read_box.y0) for c in cells]
+        stained += [cell.source == "stained" for cell in cells]
+    if not boxes:
+        return _frame([], np.zeros((0, len(contract.class_names))), page, contract)
+    scores = np.concatenate(probabilities)
+    labels, keep = resolve_cells(boxes, np.array(stained), scores, contract.class_names, params)
+    kept = [box for box, k in zip(boxes, keep, strict=True) if k]
+    return _frame(kept, scores[keep], page, contract, labels=labels[keep])
+
+
+def resolve_cells(boxes: list[Box], stained: np.ndarray, probabilities: np.ndarray,
+                  class_names: tuple[str, ...], params: ScoreParams) -> tuple[np.ndarray, np.ndarray]:
+    """Class per object and which objects to keep, from the detector's evidence.
+
+    * An object without stain cannot be a nucleated class: it takes its most probable
+      other class (a red cell touching a white cell looks partly white in its crop).
+    * Stained objects of one class that overlap by ``merge_overlap`` of the smaller box
+      are the lobes of one cell: the larger box is kept.
+    * Unstained objects lying ``part_inside`` within a nucleated cell's box are pieces of
+      its cytoplasm.
+    """
+    allowed = probabilities.copy()
+    nucleated = [class_names.index(name) for name in params.nucleated_classes
+                 if name in class_names]
+    if nucleated and len(nucleated) < len(class_names):
+        allowed[np.ix_(~stained, nucleated)] = -1.0
+    labels = allowed.argmax(1)
+    keep = np.ones(len(boxes), bool)
+    order = sorted(range(len(boxes)), key=lambda i: -_area(boxes[i]))
+    for position, larger in enumerate(order):
+        if not keep[larger] or not stained[larger]:
+            continue
+        for smaller in order[position + 1:]:
+            if (keep[smaller] and stained[smaller] and labels[smaller] == labels[larger]
+                    and _overlap(boxes[larger], boxes[smaller]) >= params.merge_overlap):
+                keep[smaller] = False
+    # Unstained pieces lying mostly inside a nucleated cell are its pale cytoplasm.
+    for whole in (i for i in range(len(boxes)) if keep[i] and labels[i] in nucleated):
+        for part in np.flatnonzero(keep & ~stained):
+            if _inside(boxes[part], boxes[whole]) >= params.part_inside:
+                keep[part] = False
+    return labels, keep
+
+
+def _crop(field_rgb: np.ndarray, cell: FoundCell, params: ScoreParams,
+          contract: ModelContract) -> np.ndarray:
+    height, width = field_rgb.shape[:2]
+    box = crop_box(cell.box, width, height, pad_fraction=params.pad_fraction, square=True)
+    return fit_to_contract(field_rgb[box.y0:box.y1, box.x0:box.x1], contract)
+
+
+def _windows(width: int, height: int, size: int) -> Iterator[Box]:
+    for y in range(0, height, size):
+        for x in range(0, width, size):
+            yield Box(x, y, min(x + size, width), min(y + size, height))
+
+
+def _centre_inside(box: Box, core: Box, read_box: Box) -> bool:
+    """Whether a cell found in ``read_box`` belongs to ``core`` (each cell to one window)."""
+    centre_x = read_box.x0 + (box.x0 + box.x1) / 2
+    centre_y = read_box.y0 + (box.y0 + box.y1) / 2
+    return core.x0 <= centre_x < core.x1 and core.y0 <= centre_y < core.y1
+
+
+def _area(box: Box) -> int:
+    return box.width * box.height
+
+
+def _inside(part: Box, whole: Box) -> float:
+    """Share of ``part``'s area inside ``whole``."""
+    return _overlap(part, whole) if _area(part) <= _area(whole) else 0.0
+
+
+def _overlap(a: Box, b: Box) -> float:
+    """Intersection over the smaller box's area."""
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    if width <= 0 or height <= 0:
+        return 0.0
+    return width * height / min(_area(a), _area(b))
+
+
+# --- tiles -----------------------------------------------------------------------------
+
+
+def _score_tiles(reader: SlideReader, page: int, classifier: ImageClassifier,
+                 params: ScoreParams, timer: _Timer, batch: int = 64) -> pd.DataFrame:
+    contract = classifier.contract
+    with timer.phase("find"):
+        tiles = tissue_tiles(reader, params.tiles, page=page)
+    probabilities = []
+    for start in range(0, len(tiles), batch):
+        with timer.phase("read"):
+            images = np.stack([fit_to_contract(reader.read_region(tile, level=params.tiles.level,
+                                                                  page=page), contract)
+                               for tile in tiles[start:start + batch]])
+        with timer.phase("infer"):
+            probabilities.append(classifier.classify_images(images))
+    scale = reader.downsample(params.tiles.level)
+    level0 = [Box(round(t.x0 * scale), round(t.y0 * scale), round(t.x1 * scale),
+                  round(t.y1 * scale)) for t in tiles]
+    scores = np.concatenate(probabilities) if probabilities else \
+        np.zeros((0, len(contract.class_names)), np.float32)
+    return _frame(level0, scores, page, contract)
+
+
+# --- results -----------------------------------------------------------------------------
+
+
+def _frame(boxes: list[Box], probabilities: np.ndarray, page: int, contract: ModelContract,
+           labels: np.ndarray | None = None) -> pd.DataFrame:
+    names = contract.class_names
+    if labels is None:
+        labels = probabilities.argmax(1) if len(probabilities) else np.zeros(0, int)
+    frame = pd.DataFrame({
+        "page": np.full(len(boxes), page, np.int32),
+        "x0": [b.x0 for b in boxes], "y0": [b.y0 for b in boxes],
+        "x1": [b.x1 for b in boxes], "y1": [b.y1 for b in boxes],
+        "class": pd.Series([names[i] for i in labels], dtype=object),
+        "confidence": probabilities[np.arange(len(labels)), labels] if len(labels) else [],
+    })
+    for index, name in enumerate(names):
+        frame[f"p_{name}"] = probabilities[:, index] if len(probabilities) else []
+    return frame.astype({"x0": np.int64, "y0": np.int64, "x1": np.int64, "y1": np.int64,
+                         "confidence": np.float32})
+
+
+def _objects_table(frames: list[pd.DataFrame], classifier: ImageClassifier) -> pd.DataFrame:
+    objects = pd.concat(frames, ignore_index=True)
+    objects.insert(0, "object_id", np.arange(len(objects), dtype=np.int64))
+    objects.insert(6, "centroid_x", ((objects["x0"] + objects["x1"]) / 2).astype(np.float32))
+    objects.insert(7, "centroid_y", ((objects["y0"] + objects["y1"]) / 2).astype(np.float32))
+    objects["model_name"] = classifier.model_name
+    objects["model_version"] = str(classifier.model_version)
+    return objects
+
+
+def draw_overlay(reader: SlideReader, objects: pd.DataFrame, page: int, params: ScoreParams,
+                 class_names: tuple[str, ...]) -> Image.Image:
+    """The page's overview with each object's box (cells) or a tinted square (tiles) in its
+    class colour, and a legend with the counts."""
+    overview, scale = reader.overview(params.overlay_size, page=page)
+    image = Image.fromarray(overview).convert("RGBA")
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    colours = {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(class_names)}
+    line = max(1, round(2 * max(image.size) / 1024))
+    columns = ["x0", "y0", "x1", "y1", "class", "confidence"]
+    for x0, y0, x1, y1, name, confidence in objects[columns].itertuples(index=False, name=None):
+        box = [x0 * scale, y0 * scale, max(x0 * scale, x1 * scale - 1),
+               max(y0 * scale, y1 * scale - 1)]
+        if params.mode == "tiles":  # a heatmap: tint ∝ the winning class's probability
+            draw.rectangle(box, fill=(*colours[name], round(160 * float(confidence))))
+        else:
+            draw.rectangle(box, outline=(*colours[name], 255), width=line)
+    image = Image.alpha_composite(image, layer)
+    _legend(ImageDraw.Draw(image), objects, colours)
+    return image.convert("RGB")
+
+
+def _legend(draw: ImageDraw.ImageDraw, objects: pd.DataFrame,
+            colours: dict[str, tuple[int, int, int]]) -> None:
+    y = 4
+    for name, colour in colours.items():
+        text = f"{name}: {int((objects['class'] == name).sum())}"
+        draw.rectangle([4, y, 16, y + 12], fill=colour)
+        draw.text((20, y), text, fill=(0, 0, 0), stroke_width=2, stroke_fill=(255, 255, 255))
+        y += 16
