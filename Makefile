@@ -52,7 +52,7 @@ test-fast: venv
 	$(BIN)/pytest -m "not slow"
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench flows
 
 ## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~40 min)
 bench: venv

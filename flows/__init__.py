@@ -1,1 +1,1 @@
-"""Prefect flows of cellpipe: `training` (DVC pipeline → publish) and `scoring` (slides → Triton)."""
+"""Prefect flows of cellpipe: `training` (DVC → publish), `scoring` (slides → Triton)."""

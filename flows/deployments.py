@@ -28,7 +28,7 @@ class FlowsParams(StageParams):
     dask_workers: int = Field(0, ge=0, description="0: threads; N: a local Dask cluster")
 
 
-def deployments(params: FlowsParams, repo: Path, *, url: str | None = None,
+def deployments(params: FlowsParams, repo: Path, params_file: Path, *, url: str | None = None,
                 interval_s: float | None = None) -> list[RunnerDeployment]:
     """Both deployments; ``interval_s`` replaces the crons (tests, demos)."""
     schedule = ({"interval": interval_s} if interval_s else None)
@@ -41,15 +41,16 @@ def deployments(params: FlowsParams, repo: Path, *, url: str | None = None,
             name="inbox",
             parameters={"inbox": params.inbox, "out": params.results, "url": url,
                         "protocol": params.protocol,
-                        "params_file": str(repo / "params.yaml"),
+                        "params_file": str(params_file),
                         "triton_state_dir": str(repo / ".cellpipe" / "triton")},
             **(schedule or {"cron": params.scoring_cron})),
     ]
 
 
-def serve_deployments(params: FlowsParams, repo: Path, *, url: str | None = None,
-                      interval_s: float | None = None, only: str | None = None) -> None:
+def serve_deployments(params: FlowsParams, repo: Path, params_file: Path, *,
+                      url: str | None = None, interval_s: float | None = None,
+                      only: str | None = None) -> None:
     """Register the deployments and run them on schedule until stopped."""
-    chosen = [d for d in deployments(params, repo, url=url, interval_s=interval_s)
+    chosen = [d for d in deployments(params, repo, params_file, url=url, interval_s=interval_s)
               if only is None or d.flow_name == only]
     serve(*chosen)

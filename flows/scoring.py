@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -73,8 +73,9 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     results = Path(out)
     model = served_model(url, protocol, model_name)
     slides = pending_slides(inbox, results)
-    futures = score_one.map(slides, inbox=inbox, out=results, url=url, protocol=protocol,
-                            model=model, params=params)
+    futures = score_one.map(slides, inbox=unmapped(inbox), out=unmapped(results),
+                            url=unmapped(url), protocol=unmapped(protocol),
+                            model=unmapped(model), params=unmapped(params))
     outcomes = [future.result() for future in futures]
     run = report(results, inbox, model, outcomes, started)
     logger.info("%s", run["totals"])

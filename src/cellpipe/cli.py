@@ -200,7 +200,7 @@ def _prepare_flows(args: argparse.Namespace, api_url: str | None = None):  # noq
     repo = args.repo.resolve()
     if not (repo / "flows" / "deployments.py").is_file():
         raise InputError(f"{repo} holds no flows/deployments.py (use --repo)")
-    apply_prefect_environment(repo / ".cellpipe" / "prefect", api_url)
+    apply_prefect_environment(args.home or repo / ".cellpipe" / "prefect", api_url)
     sys.path.insert(0, str(repo))
     import flows.deployments
 
@@ -208,23 +208,30 @@ def _prepare_flows(args: argparse.Namespace, api_url: str | None = None):  # noq
 
 
 def _cmd_flows_serve(args: argparse.Namespace) -> None:
+    import signal
+
     from cellpipe.orchestration import PrefectServer
 
-    server = PrefectServer(args.repo.resolve() / ".cellpipe" / "prefect", args.port)
+    server = PrefectServer(args.home or args.repo.resolve() / ".cellpipe" / "prefect",
+                           args.port)
     repo, deployments = _prepare_flows(args, server.api_url)
-    params = load_section(deployments.FlowsParams, "flows", repo / "params.yaml")
+    params_file = (args.params or repo / "params.yaml").resolve()
+    params = load_section(deployments.FlowsParams, "flows", params_file)
+    # SIGTERM (how services are stopped) must unwind like Ctrl-C, so the server stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     try:
         log.info("serving the training and scoring deployments; Ctrl-C or SIGTERM stops")
-        deployments.serve_deployments(params, repo, url=args.url, interval_s=args.interval,
-                                      only=args.only)
+        deployments.serve_deployments(params, repo, params_file, url=args.url,
+                                      interval_s=args.interval, only=args.only)
     finally:
         server.stop()
 
 
 def _cmd_flows_run(args: argparse.Namespace) -> None:
     repo, deployments = _prepare_flows(args)
-    params = load_section(deployments.FlowsParams, "flows", repo / "params.yaml")
+    params_file = (args.params or repo / "params.yaml").resolve()
+    params = load_section(deployments.FlowsParams, "flows", params_file)
     if args.flow == "training":
         from flows.training import training
 
@@ -234,7 +241,7 @@ def _cmd_flows_run(args: argparse.Namespace) -> None:
 
         result = scoring(inbox=args.inbox or params.inbox, out=args.out or params.results,
                          url=args.url, protocol=params.protocol,
-                         params_file=str(repo / "params.yaml"),
+                         params_file=str(params_file),
                          triton_state_dir=str(repo / ".cellpipe" / "triton"))
         print(result["totals"])
 
@@ -403,6 +410,11 @@ def _add_flows_command(commands: argparse._SubParsersAction) -> None:
         command.add_argument("--repo", type=Path, default=Path("."),
                              help="the cellpipe repository (default: the current folder)")
         command.add_argument("--url", help="Triton host:port (default: the local server)")
+        command.add_argument("--params", type=Path,
+                             help="params file (default: params.yaml in --repo)")
+        command.add_argument("--home", type=Path,
+                             help="Prefect's home: database, logs (default: .cellpipe/prefect "
+                                  "in --repo)")
 
 
 def _add_triton_commands(commands: argparse._SubParsersAction) -> None:

@@ -42,9 +42,13 @@ def prefect_environment(home: Path, api_url: str | None = None) -> dict[str, str
 
 
 def apply_prefect_environment(home: Path, api_url: str | None = None) -> None:
-    """Set :func:`prefect_environment` in this process (before Prefect is imported)."""
+    """Set :func:`prefect_environment` in this process (before Prefect is imported).
+
+    The home and API URL given here win over the caller's environment: a stray
+    PREFECT_API_URL must not send this project's runs to another server.
+    """
     for key, value in prefect_environment(home, api_url).items():
-        os.environ.setdefault(key, value)
+        os.environ[key] = value
 
 
 class PrefectServer:
@@ -66,8 +70,9 @@ class PrefectServer:
                    "--host", "127.0.0.1", "--port", str(self.port), "--no-ui",
                    "--analytics-off"]
         log_file = (self.home / "server.log").open("ab")
+        # Same process group as its owner: stopping the owner's group stops the server.
         self._process = subprocess.Popen(command, env=env, stdout=log_file,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -37,12 +37,14 @@ class CellFinderParams(StageParams):
     cell_diameter: float = Field(90, gt=4, description="typical red-cell diameter, px")
     min_stain: float = Field(0.04, ge=0, description="lowest haematoxylin threshold (rgb2hed)")
     min_area: float = Field(0.03, gt=0, description="stained debris below this × a cell's area")
-    min_red_area: float = Field(0.25, gt=0, description="unstained debris below this × a cell's area")
+    min_red_area: float = Field(0.25, gt=0,
+                                description="unstained debris below this × a cell's area")
     max_area: float = Field(6.0, gt=0, description="clumps above this × a cell's area")
     min_solidity: float = Field(0.6, ge=0, le=1, description="ragged shapes below are debris")
     nucleus_join: float = Field(0.12, ge=0, description="closing radius joining lobes, × diameter")
     nucleus_margin: float = Field(0.25, ge=0, description="cytoplasm around a nucleus, × its size")
-    split_distance: float = Field(0.35, gt=0, description="closest centres of touching cells, × diameter")
+    split_distance: float = Field(0.35, gt=0,
+                                  description="closest centres of touching cells, × diameter")
 
 
 @dataclass(frozen=True)

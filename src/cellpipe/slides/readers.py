@@ -106,10 +106,10 @@ class PillowSlide(SlideReader):
     """A camera field (PNG/JPEG/BMP), decoded once: these are a few megapixels at most."""
 
     def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile",
-                 limits: ImageLimits = ImageLimits()) -> None:
+                 limits: ImageLimits | None = None) -> None:
         self.path = path
         try:
-            self._rgb = read_rgb(path, scaling=scaling, limits=limits)
+            self._rgb = read_rgb(path, scaling=scaling, limits=limits or ImageLimits())
         except ImageRejected as error:
             raise SlideUnreadable(str(error)) from error
 

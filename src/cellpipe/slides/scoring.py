@@ -144,7 +144,8 @@ def _score_cells(reader: SlideReader, page: int, classifier: ImageClassifier,
 
 
 def resolve_cells(boxes: list[Box], stained: np.ndarray, probabilities: np.ndarray,
-                  class_names: tuple[str, ...], params: ScoreParams) -> tuple[np.ndarray, np.ndarray]:
+                  class_names: tuple[str, ...],
+                  params: ScoreParams) -> tuple[np.ndarray, np.ndarray]:
     """Class per object and which objects to keep, from the detector's evidence.
 
     * An object without stain cannot be a nucleated class: it takes its most probable

@@ -1,0 +1,111 @@
+"""Benchmark: score the BCCD test slides end to end through the local Triton.
+
+Needs the demo pipeline's published model (`make demo` or `dvc repro` first). Reports
+slides/s and cells/s over the whole batch, the share of time per phase (read, find
+cells, infer, overlay, write), and the per-slide counts against the VOC annotations:
+mean absolute error per class and the share of slides counted exactly.
+
+    python bench/slides.py [--protocol grpc] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from cellpipe.params import load_section
+from cellpipe.serving.client import TritonClassifier
+from cellpipe.serving.server import LocalTriton, free_port
+from cellpipe.slides.batch import ModelKey, score_inbox
+from cellpipe.slides.reference import compare_with_voc, count_errors
+from cellpipe.slides.scoring import ScoreParams
+
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT / "data" / "bccd"
+RESULTS = ROOT / "bench" / "results"
+PHASES = ("read", "find", "infer", "overlay", "write")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--split", default="test", help="BCCD ImageSets/Main split")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_section(ScoreParams, "score", ROOT / "params.yaml")
+    stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
+    with tempfile.TemporaryDirectory(prefix="cellpipe-bench-") as folder:
+        inbox, out = Path(folder) / "inbox", Path(folder) / "results"
+        inbox.mkdir()
+        for stem in stems:
+            shutil.copy(BCCD / "JPEGImages" / f"{stem}.jpg", inbox)
+        server = LocalTriton(Path(folder) / "triton")
+        info = server.start(ROOT / "triton_repo", http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port())
+        try:
+            with TritonClassifier(info.url(args.protocol), protocol=args.protocol) as client:
+                model = ModelKey(client.model_name, client.pin_served_version())
+                started = time.perf_counter()
+                report = score_inbox(str(inbox), out, client, params, model)
+                wall = time.perf_counter() - started
+        finally:
+            server.stop()
+        summaries = [json.loads(p.read_text()) for p in (out / "slides").glob("*/summary.json")]
+        errors = count_errors(compare_with_voc(out, BCCD / "Annotations", model))
+    write_tables(summaries, errors, wall, report, args)
+
+
+def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, report: dict,
+                 args: argparse.Namespace) -> None:
+    cells = sum(s["objects"] for s in summaries)
+    phase_seconds = {phase: sum(s["timings"].get(phase, 0.0) for s in summaries)
+                     for phase in PHASES}
+    accounted = sum(phase_seconds.values())
+    machine = f"{platform.processor() or platform.machine()}, {_cores()} cores"
+    result = {
+        "machine": machine, "protocol": args.protocol, "split": args.split,
+        "slides": len(summaries), "quarantined": report["totals"]["quarantined"],
+        "cells": cells, "wall_s": round(wall, 2),
+        "slides_per_s": round(len(summaries) / wall, 3), "cells_per_s": round(cells / wall, 1),
+        "phase_share": {k: round(v / wall, 4) for k, v in phase_seconds.items()},
+        "other_share": round(1 - accounted / wall, 4),
+        "counts": errors.to_dict(orient="records"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "slides.json").write_text(json.dumps(result, indent=2))
+    shares = " · ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
+    lines = [
+        f"BCCD {args.split} slides ({len(summaries)} of 640×480), cells mode, Triton "
+        f"{args.protocol} on 127.0.0.1; {machine}.",
+        "",
+        "| slides/s | cells/s | cells | wall | time share |",
+        "|---|---|---|---|---|",
+        f"| {result['slides_per_s']:.2f} | {result['cells_per_s']:.0f} | {cells} | "
+        f"{wall:.1f} s | {shares} · other {result['other_share']:.0%} |",
+        "",
+        "| class | annotated per slide | MAE | mean error | slides exact |",
+        "|---|---|---|---|---|",
+    ]
+    for row in errors.itertuples(index=False):
+        lines.append(f"| {row[0]} | {row.annotated_mean:.2f} | {row.mae:.2f} | {row.bias:+.2f} "
+                     f"| {row.exact_share:.1%} |")
+    (RESULTS / "slides.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()

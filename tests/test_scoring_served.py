@@ -1,0 +1,121 @@
+"""Slides scored through a real local Triton: the CLI batch and a scheduled Prefect run.
+
+Reuses the serving tests' small colour model (red/green/blue at 16 px) and server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from cellpipe.cli import main as cli_main
+from cellpipe.serving.server import ServerInfo, free_port
+from test_serving import exported, server, trained  # noqa: F401 (module fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 60, 230)}
+
+
+def _striped_slide(path: Path, seed: int) -> None:
+    """Three vertical bands, red | green | blue, of 2 × 4 tiles of 32 px each."""
+    rng = np.random.default_rng(seed)
+    bands = [np.clip(np.array(c, np.int16) + rng.integers(-40, 40, (128, 64, 3)), 0, 255)
+             for c in COLOURS.values()]
+    Image.fromarray(np.concatenate(bands, axis=1).astype(np.uint8)).save(path)
+
+
+def _setup(root: Path) -> tuple[Path, Path, Path]:
+    inbox = root / "inbox"
+    inbox.mkdir()
+    for index in range(2):
+        _striped_slide(inbox / f"slide_{index}.png", index)
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = root / "results"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["score"].update(mode="tiles", tiles={"size": 32, "min_tissue": 0.0})
+    params["flows"].update(inbox=str(inbox), results=str(out))
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    return inbox, out, params_file
+
+
+def _check_results(out: Path) -> None:
+    table = pd.read_csv(out / "summary.csv")
+    assert sorted(table["slide"]) == ["slide_0.png", "slide_1.png"]
+    assert (table[["n_red", "n_green", "n_blue"]] == 8).all().all()  # each band: 8 tiles
+    report = json.loads((out / "report.json").read_text())
+    quarantined = [s["slide"] for s in report["slides"] if s["status"] == "quarantined"]
+    assert quarantined == ["broken.png"]
+
+
+def test_cli_scores_an_inbox_through_triton(server: tuple[ServerInfo, Path],  # noqa: F811
+                                            tmp_path: Path) -> None:
+    info, _ = server
+    inbox, out, params_file = _setup(tmp_path)
+    arguments = ["score", str(inbox), "--out", str(out), "--url", info.grpc_url,
+                 "--params", str(params_file)]
+    assert cli_main(arguments) == 0
+    _check_results(out)
+    summary = json.loads(next((out / "slides").glob("slide_0-*/summary.json")).read_text())
+    assert summary["model"] == {"name": "cell_classifier", "version": "1"}
+    assert cli_main(arguments) == 0  # a rerun skips both slides
+    assert json.loads((out / "report.json").read_text())["totals"]["skipped"] == 2
+
+
+@pytest.mark.slow
+def test_a_scheduled_deployment_fires_a_real_run_on_a_local_prefect_server(
+        server: tuple[ServerInfo, Path], tmp_path: Path) -> None:  # noqa: F811
+    info, _ = server
+    _, out, params_file = _setup(tmp_path)
+    port = free_port()
+    env = {**os.environ, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    command = [sys.executable, "-m", "cellpipe", "flows", "serve", "--repo", str(REPO),
+               "--home", str(tmp_path / "prefect"),
+               "--params", str(params_file), "--port", str(port), "--only", "scoring",
+               "--interval", "5", "--url", info.grpc_url]
+    serving = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = _wait_for_completed_run(f"http://127.0.0.1:{port}/api", serving, timeout_s=240)
+        assert run["deployment_id"] is not None  # fired by the schedule, not called directly
+        _check_results(out)
+    finally:
+        os.killpg(serving.pid, signal.SIGTERM)
+        try:
+            serving.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()
+
+
+def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if serving.poll() is not None:
+            pytest.fail(f"`cellpipe flows serve` exited:\n{serving.stdout.read()[-4000:]}")
+        try:
+            runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            runs = []
+        for run in runs if isinstance(runs, list) else []:
+            if run.get("state_type") == "COMPLETED":
+                return run
+            if run.get("state_type") in ("FAILED", "CRASHED"):
+                pytest.fail(f"the scheduled run ended {run['state_type']}: "
+                            f"{run.get('state', {}).get('message')}")
+        time.sleep(1)
+    serving.send_signal(signal.SIGTERM)
+    pytest.fail(f"no completed run within {timeout_s:.0f} s:\n{serving.stdout.read()[-4000:]}")
