@@ -58,6 +58,8 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/ingest_blood_cells.py
 	$(BIN)/python bench/train_real.py
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/slides.py
 
 ## lock: re-resolve every dependency and rewrite requirements.lock (needs the registry)
 lock:

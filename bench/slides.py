@@ -69,7 +69,7 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
     phase_seconds = {phase: sum(s["timings"].get(phase, 0.0) for s in summaries)
                      for phase in PHASES}
     accounted = sum(phase_seconds.values())
-    machine = f"{platform.processor() or platform.machine()}, {_cores()} cores"
+    machine = f"{_cpu_name()}, {_cores()} cores"
     result = {
         "machine": machine, "protocol": args.protocol, "split": args.split,
         "slides": len(summaries), "quarantined": report["totals"]["quarantined"],
@@ -99,6 +99,13 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
                      f"| {row.exact_share:.1%} |")
     (RESULTS / "slides.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _cores() -> int:
