@@ -38,8 +38,15 @@ def save_model(path: Path, classifier: Classifier, contract: ModelContract, *, b
         "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
         **info,
     }
-    # Saved through a buffer: given a path, torch names the archive's root folder after
-    # the (random) temporary file, and the same model would hash differently every run.
+    save_reproducibly(path, payload)
+
+
+def save_reproducibly(path: Path, payload: object) -> None:
+    """``torch.save`` atomically, with the same bytes for the same payload.
+
+    Saved through a buffer: given a path, torch names the archive's root folder after
+    the (random) temporary file, and the same model would hash differently every run.
+    """
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_path(path) as tmp:

@@ -27,6 +27,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from cellpipe.contract import ModelContract
+from cellpipe.engine.checkpoint import save_reproducibly
 from cellpipe.engine.data import (
     AugmentParams,
     ImageDataset,
@@ -37,7 +38,6 @@ from cellpipe.engine.data import (
 )
 from cellpipe.engine.loop import Device, extract_features, predict, train_one_epoch, warmup_cosine
 from cellpipe.errors import CellpipeError
-from cellpipe.fsutil import atomic_path
 from cellpipe.nets.classifier import Classifier
 from cellpipe.params import StageParams
 
@@ -260,8 +260,10 @@ def _set_rng(rng: dict, generator: torch.Generator) -> None:
 
 
 def _save_state(path: Path, state: dict, fingerprint: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({**state, "fingerprint": fingerprint}, tmp)
+    # Wall-clock seconds stay in memory only: the saved state is a DVC output, and a rerun
+    # that trains the same weights must write the same bytes.
+    history = [{k: v for k, v in record.items() if k != "seconds"} for record in state["history"]]
+    save_reproducibly(path, {**state, "history": history, "fingerprint": fingerprint})
 
 
 def _load_state(path: Path, fingerprint: str) -> dict | None:
