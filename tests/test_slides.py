@@ -185,6 +185,11 @@ def _result_folders(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "slides").iterdir())
 
 
+def _finished(out: Path) -> list[str]:
+    """Result folders in place (a hidden one is still being written)."""
+    return [name for name in _result_folders(out) if not name.startswith(".")]
+
+
 def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path) -> None:
     inbox = _inbox(tmp_path, 3)
     (inbox / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -254,13 +259,13 @@ def test_a_batch_killed_mid_way_and_rerun_yields_one_result_per_slide(tmp_path: 
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
-        if (out / "slides").is_dir() and len(_result_folders(out)) >= 3:
+        if (out / "slides").is_dir() and len(_finished(out)) >= 3:
             break
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
     assert run.returncode == -signal.SIGKILL, "the batch finished before it could be killed"
-    finished = [name for name in _result_folders(out) if not name.startswith(".")]
+    finished = _finished(out)
     assert 3 <= len(finished) < 8
 
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
