@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cellpipe.errors import CellpipeError
 from cellpipe.params import load_section
 from cellpipe.serving.client import TritonClassifier
 from cellpipe.serving.server import LocalTriton
@@ -96,7 +97,7 @@ def scoring_on_dask(workers: int = 2):  # noqa: ANN201 (a Prefect Flow)
 def _local_server_url(state_dir: Path, protocol: str) -> str:
     info = LocalTriton(state_dir).running()
     if info is None:
-        raise RuntimeError("no url given and no local Triton runs (`cellpipe triton start`)")
+        raise CellpipeError("no url given and no local Triton runs (`cellpipe triton start`)")
     return info.url(protocol)
 
 
