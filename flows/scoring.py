@@ -20,6 +20,7 @@ from cellpipe.slides.batch import (
     InboxSlide,
     ModelKey,
     SlideOutcome,
+    inbox_filesystem,
     list_inbox,
     remove_partial_results,
     score_and_write,
@@ -50,7 +51,7 @@ def score_one(slide: InboxSlide, inbox: str, out: Path, url: str, protocol: str,
               model: ModelKey, params: ScoreParams) -> SlideOutcome:
     """Score one slide (skipped when done, quarantined when unreadable). A Triton error
     fails the task, so Prefect retries it; the slide's result is written atomically."""
-    fs = list_inbox(inbox)[0]
+    fs = inbox_filesystem(inbox)[0]  # the slide is known: no need to list the inbox again
     with TritonClassifier(url, protocol=protocol, model_name=model.name,
                           model_version=model.version) as client:
         return score_and_write(fs, slide, out, client, params, model)

@@ -85,7 +85,7 @@ def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]
     Files of any suffix are listed, so an unsupported one is quarantined with a reason
     rather than silently ignored.
     """
-    fs, root = fsspec.core.url_to_fs(inbox)
+    fs, root = inbox_filesystem(inbox)
     if not fs.isdir(root):
         raise CellpipeError(f"inbox {inbox} is not a folder")
     root = root.rstrip("/")
@@ -98,6 +98,11 @@ def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]
             continue
         slides.append(InboxSlide(path, name))
     return fs, slides
+
+
+def inbox_filesystem(inbox: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``inbox`` and the inbox's path on it (nothing is listed)."""
+    return fsspec.core.url_to_fs(inbox)
 
 
 def _is_companion(name: str) -> bool:
@@ -128,8 +133,12 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 def result_name(slide: InboxSlide, sha256: str, model: ModelKey) -> str:
     """The result folder's name: readable slide name, content hash, model version."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide.name.rsplit(".", 1)[0])
-    return f"{stem}-{sha256[:12]}-{model.tag}"
+    return f"{_safe_name(slide.name.rsplit('.', 1)[0])}-{sha256[:12]}-{model.tag}"
+
+
+def _safe_name(name: str) -> str:
+    """A relative slide path as one file name: anything unusual becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
@@ -211,7 +220,7 @@ def _release(out: Path, slide: InboxSlide) -> None:
 
 
 def _quarantine_file(out: Path, slide: InboxSlide) -> Path:
-    return out / "quarantine" / (re.sub(r"[^A-Za-z0-9._-]+", "_", slide.name) + ".json")
+    return out / "quarantine" / f"{_safe_name(slide.name)}.json"
 
 
 # --- a whole run -------------------------------------------------------------------------
