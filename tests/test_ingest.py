@@ -84,19 +84,25 @@ def test_filename_without_label_suffix_is_rejected(tmp_path: Path) -> None:
     assert "no label in file name" in _reasons(result)["labeled/nolabel.jpg"]
 
 
-def test_voc_slides_become_one_crop_per_object(tmp_path: Path) -> None:
+@pytest.mark.parametrize("border", ["fill", "shift"])
+def test_voc_slides_become_one_crop_per_object(tmp_path: Path, border: str) -> None:
     write_voc_slide(tmp_path, "s1", [("a", (10, 10, 40, 40)), ("b", (100, 60, 130, 100))])
-    write_voc_slide(tmp_path, "s2", [("a", (150, 100, 165, 118))])  # at the border
-    result = ingest(tmp_path, _params(classes=["a", "b"], voc={"pad_fraction": 0.25},
+    write_voc_slide(tmp_path, "s2", [("a", (150, 100, 165, 118))])  # past the 160x120 border
+    voc = {"pad_fraction": 0.25, "border": border}
+    result = ingest(tmp_path, _params(classes=["a", "b"], voc=voc,
                                       split={"val_fraction": 0, "test_fraction": 0}))
     rows = result.manifest.rows.set_index(["path", "label"])
     assert len(rows) == 3 and not result.rejections
     first = rows.loc[("JPEGImages/s1.jpg", "a")]
     # 30 px box + 25% of 30 px on each side → a 45 px square around the same centre.
     assert (first["x0"], first["y0"], first["x1"], first["y1"]) == (2, 2, 47, 47)
-    border = rows.loc[("JPEGImages/s2.jpg", "a")]
-    assert (border["x1"], border["y1"]) == (160, 120), "crop shifted inside the image"
-    assert border["x1"] - border["x0"] == border["y1"] - border["y0"], "still square"
+    crop = rows.loc[("JPEGImages/s2.jpg", "a")]
+    # The box is cut to the image (150..160 × 100..118), then grown to a 27 px square.
+    if border == "shift":
+        assert (crop["x0"], crop["y0"], crop["x1"], crop["y1"]) == (133, 93, 160, 120)
+    else:  # centred on (155, 109), reaching past the border; preprocess fills the rest
+        assert (crop["x0"], crop["y0"], crop["x1"], crop["y1"]) == (142, 96, 169, 123)
+    assert crop["x1"] - crop["x0"] == crop["y1"] - crop["y0"] == 27, "still square"
 
 
 def test_voc_imagesets_split_is_kept(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cellpipe.data import imageio
+from cellpipe.data.geometry import Box, cut
 from cellpipe.data.shards import open_split, read_meta
 from cellpipe.data.transforms import fit_square
 from cellpipe.stages import ingest as ingest_stage
@@ -59,6 +60,32 @@ def test_voc_crops_are_cut_from_the_slide(tmp_path: Path) -> None:
     for image, label in zip(part.images, part.labels, strict=True):
         expected = np.array(CLASS_COLOURS["ab"[label]])
         assert np.abs(image[4:12, 4:12].reshape(-1, 3).mean(0) - expected).max() < 20
+
+
+def test_border_crop_stays_centred_and_is_filled_past_the_image(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    write_voc_slide(source, "s0", [("a", (0, 0, 30, 30)), ("b", (90, 50, 130, 90))])
+    # pad 0.5: the corner object's crop is (-15, -15)…(45, 45); a quarter lies outside.
+    _run_both(source, tmp_path / "out", {"classes": ["a", "b"],
+                                         "voc": {"pad_fraction": 0.5, "border": "fill"},
+                                         "split": {"val_fraction": 0, "test_fraction": 0}},
+              image_size=16, pad_value=255)
+    part = open_split(tmp_path / "out" / "pre" / "shards", "train")
+    corner = part.images[list(part.labels).index(0)].astype(int)
+    assert (corner[:3, :, :] == 255).all() and (corner[:, :3, :] == 255).all(), "filled outside"
+    centre = corner[6:10, 6:10].reshape(-1, 3).mean(0)
+    assert np.abs(centre - np.array(CLASS_COLOURS["a"])).max() < 20, "object in the centre"
+
+
+def test_cut_fills_only_outside_the_image() -> None:
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    inside = cut(image, Box(1, 1, 4, 3))
+    assert inside.base is image or np.shares_memory(inside, image), "no copy when inside"
+    out = cut(image, Box(-2, 2, 3, 6), fill=7)
+    assert out.shape == (4, 5, 3)
+    np.testing.assert_array_equal(out[:2, 2:], image[2:4, 0:3])
+    assert (out[:, :2] == 7).all() and (out[2:, :] == 7).all()
+    assert (cut(image, Box(10, 10, 12, 12), fill=9) == 9).all(), "wholly outside"
 
 
 def test_each_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

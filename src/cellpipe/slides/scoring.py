@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field
 
 from cellpipe.contract import ModelContract, fit_to_contract
-from cellpipe.data.geometry import Box, crop_box
+from cellpipe.data.geometry import BorderRule, Box, crop_box, cut
 from cellpipe.params import StageParams
 from cellpipe.slides.cells import CellFinderParams, FoundCell, find_cells
 from cellpipe.slides.readers import SlideReader
@@ -49,6 +49,8 @@ class ScoreParams(StageParams):
     tiles: TileParams = TileParams()
     pad_fraction: float = Field(0.15, ge=0, le=2,
                                 description="crop margin × the object's longer side, as ingest")
+    border: BorderRule = Field("fill", description="crops at the image border, as ingest: "
+                                                   "fill (stay centred) | shift (move inside)")
     nucleated_classes: tuple[str, ...] = Field(
         ("WBC",), description="classes only a stained object can be (a white cell has a nucleus)")
     merge_overlap: float = Field(0.3, gt=0, le=1,
@@ -181,8 +183,9 @@ def resolve_cells(boxes: list[Box], stained: np.ndarray, probabilities: np.ndarr
 def _crop(field_rgb: np.ndarray, cell: FoundCell, params: ScoreParams,
           contract: ModelContract) -> np.ndarray:
     height, width = field_rgb.shape[:2]
-    box = crop_box(cell.box, width, height, pad_fraction=params.pad_fraction, square=True)
-    return fit_to_contract(field_rgb[box.y0:box.y1, box.x0:box.x1], contract)
+    box = crop_box(cell.box, width, height, pad_fraction=params.pad_fraction, square=True,
+                   border=params.border)
+    return fit_to_contract(cut(field_rgb, box, fill=contract.pad_value), contract)
 
 
 def _windows(width: int, height: int, size: int) -> Iterator[Box]:

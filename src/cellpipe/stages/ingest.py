@@ -18,7 +18,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
-from cellpipe.data.geometry import Box, crop_box
+from cellpipe.data.geometry import BorderRule, Box, crop_box
 from cellpipe.data.imageio import ImageLimits, ImageRejected, PageInfo, probe_image
 from cellpipe.data.manifest import (
     Manifest,
@@ -43,6 +43,8 @@ class VocParams(StageParams):
 
     pad_fraction: float = Field(0.15, ge=0, le=2, description="margin, × the box's longer side")
     square: bool = True
+    border: BorderRule = Field("fill", description="at the image border: fill (crop stays "
+                                                   "centred) | shift (crop moves inside)")
     min_object_size: int = Field(8, ge=1, description="shorter box side below this is rejected")
 
 
@@ -233,7 +235,8 @@ def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, k
             rejections.append(Rejection(item.path, reason))
             continue
         crop = crop_box(Box(x0, y0, x1, y1), page.width, page.height,
-                        pad_fraction=voc.pad_fraction, square=voc.square)
+                        pad_fraction=voc.pad_fraction, square=voc.square,
+                        border=voc.border)
         records.append({**base, "label": obj.label, "page": page.index,
                         "x0": crop.x0, "y0": crop.y0, "x1": crop.x1, "y1": crop.y1,
                         "width": crop.width, "height": crop.height})

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from cellpipe.data.geometry import Box
+from cellpipe.data.geometry import Box, cut
 from cellpipe.data.imageio import BitDepthScaling, ImageLimits, ImageRejected, read_rgb
 from cellpipe.data.manifest import Manifest, read_manifest, write_rejections
 from cellpipe.data.preview import contact_sheet
@@ -62,7 +62,8 @@ def _decode_task(task: _DecodeTask) -> list[np.ndarray] | str:
         return str(rejected)
     inputs = []
     for box in task.boxes:
-        region = page if box is None else page[box.y0:box.y1, box.x0:box.x1]
+        # A crop reaching past the image border (ingest.voc.border: fill) gets pad_value there.
+        region = page if box is None else cut(page, box, fill=task.params.pad_value)
         inputs.append(fit_square(region, task.params.image_size, mode=task.params.resize,
                                  resample=task.params.resample, pad_value=task.params.pad_value))
     return inputs
