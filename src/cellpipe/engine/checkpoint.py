@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cellpipe import __version__
@@ -14,6 +17,8 @@ from cellpipe.errors import InputError
 from cellpipe.fsutil import atomic_path
 from cellpipe.nets.classifier import Classifier
 from cellpipe.nets.registry import build_backbone
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -70,3 +75,42 @@ def load_model(path: Path) -> TrainedModel:
     reserved = {"state_dict", "contract"}
     return TrainedModel(classifier, contract, {k: v for k, v in payload.items()
                                                if k not in reserved})
+
+
+# --- resumable run state (the classifier loop and the GAN loop) --------------------------
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random state a training run draws from, to save with its checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "loader": generator.get_state()}
+
+
+def restore_rng(rng: dict, generator: torch.Generator) -> None:
+    """Put back the random states saved by :func:`rng_state`."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["loader"])
+
+
+def save_run_state(path: Path, state: dict, fingerprint: str) -> None:
+    """Save a run's resumable ``state`` (weights, optimisers, RNGs, history) atomically.
+
+    Wall-clock seconds stay in memory only: the saved state is a DVC output, and a rerun
+    that trains the same weights must write the same bytes.
+    """
+    history = [{k: v for k, v in record.items() if k != "seconds"}
+               for record in state.get("history", [])]
+    save_reproducibly(path, {**state, "history": history, "fingerprint": fingerprint})
+
+
+def load_run_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state if it belongs to this exact run (same params and data), else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it belongs to other params, data or code", path)
+        return None
+    return state

@@ -27,7 +27,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from cellpipe.contract import ModelContract
-from cellpipe.engine.checkpoint import save_reproducibly
+from cellpipe.engine.checkpoint import load_run_state, restore_rng, rng_state, save_run_state
 from cellpipe.engine.data import (
     AugmentParams,
     ImageDataset,
@@ -91,7 +91,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         raise CellpipeError("training needs a non-empty 'val' split for early stopping")
     generator = seed_everything(params.seed)
     model = device.prepare(model)
-    state = _load_state(checkpoint, fingerprint)
+    state = load_run_state(checkpoint, fingerprint)
     resuming = state is not None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -107,7 +107,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         # RNG states are restored where they were saved, so that building the loaders
         # (which draws seeds) replays exactly as in an uninterrupted run.
         if resuming and state["epoch"] == 0:
-            _set_rng(state["rng"], generator)
+            restore_rng(state["rng"], generator)
             resuming = False
         _set_trainable(model, phase)
         cached = phase.trainable == "head" and params.cache_frozen_features
@@ -121,7 +121,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         if resuming:  # inside this phase
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng(state["rng"], generator)
+            restore_rng(state["rng"], generator)
             resuming = False
         while state["epoch"] < phase.epochs and state["stale"] < params.early_stopping_patience:
             started = time.perf_counter()
@@ -136,8 +136,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
             _keep_if_best(state, model, record["val_macro_f1"])
             state["epoch"] += 1
             state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=_get_rng(generator))
-            _save_state(checkpoint, state, fingerprint)
+                         scheduler=scheduler.state_dict(), rng=rng_state(generator))
+            save_run_state(checkpoint, state, fingerprint)
             # Logged after saving: an epoch in the log is an epoch a rerun will not repeat.
             log.info("%s: loss %.4f, val macro-F1 %.4f, val accuracy %.4f (%.1f s)", desc,
                      train_loss, record["val_macro_f1"], record["val_accuracy"],
@@ -145,8 +145,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         # The next phase starts from the best weights so far, not the last ones.
         model.load_state_dict(state["best_state"])
         state.update(phase=index + 1, epoch=0, stale=0, model=model.state_dict(),
-                     rng=_get_rng(generator))
-        _save_state(checkpoint, state, fingerprint)
+                     rng=rng_state(generator))
+        save_run_state(checkpoint, state, fingerprint)
     return FitResult(state["best_score"], state["best_state"], state["history"])
 
 
@@ -242,36 +242,3 @@ def _keep_if_best(state: dict, model: nn.Module, score: float) -> None:
         state.update(best_score=score, stale=0, best_state=copy.deepcopy(model.state_dict()))
     else:
         state["stale"] += 1
-
-
-# --- checkpoint ----------------------------------------------------------------------------
-
-
-def _get_rng(generator: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(), "loader": generator.get_state()}
-
-
-def _set_rng(rng: dict, generator: torch.Generator) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["loader"])
-
-
-def _save_state(path: Path, state: dict, fingerprint: str) -> None:
-    # Wall-clock seconds stay in memory only: the saved state is a DVC output, and a rerun
-    # that trains the same weights must write the same bytes.
-    history = [{k: v for k, v in record.items() if k != "seconds"} for record in state["history"]]
-    save_reproducibly(path, {**state, "history": history, "fingerprint": fingerprint})
-
-
-def _load_state(path: Path, fingerprint: str) -> dict | None:
-    """The saved state if it belongs to this exact run (same params and data), else None."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: it belongs to other params, data or code", path)
-        return None
-    return state
