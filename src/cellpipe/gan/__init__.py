@@ -1,0 +1,1 @@
+"""GAN augmentation: conditional generators that grow scarce classes, and their quality."""
