@@ -7,7 +7,7 @@ its head on cached features. The same functions serve both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +51,9 @@ class Device:
         return module
 
 
-def _progress(loader: DataLoader, desc: str) -> Iterator:
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
+def progress(batches: Iterable, desc: str) -> tqdm:
+    """A per-batch progress bar, shown only when stderr is a terminal."""
+    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
 def train_one_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -60,7 +61,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.opti
                     device: Device, *, desc: str = "train") -> float:
     """One pass over ``loader``; the scheduler steps per batch. Returns the mean loss."""
     total, seen = 0.0, 0
-    bar = _progress(loader, desc)
+    bar = progress(loader, desc)
     for inputs, labels in bar:
         inputs, labels = device.batch(inputs), labels.to(device.torch_device)
         with device.autocast():
@@ -81,7 +82,7 @@ def predict(module: nn.Module, loader: DataLoader, device: Device, *,
     """Logits (float32) and labels for every batch of ``loader``, in order."""
     module.eval()
     logits, labels = [], []
-    for inputs, batch_labels in _progress(loader, desc):
+    for inputs, batch_labels in progress(loader, desc):
         with device.autocast():
             logits.append(module(device.batch(inputs)).float().cpu())
         labels.append(batch_labels)
@@ -94,7 +95,7 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: Device
     """Backbone features of every image, computed once for a frozen-backbone phase."""
     backbone.eval()
     features, labels = [], []
-    for inputs, batch_labels in _progress(loader, "features"):
+    for inputs, batch_labels in progress(loader, "features"):
         with device.autocast():
             features.append(backbone(device.batch(inputs)).float().cpu())
         labels.append(batch_labels)
