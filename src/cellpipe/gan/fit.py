@@ -192,9 +192,10 @@ def _train_epoch(generator: Generator, discriminator: Discriminator, average: Av
         g_loss.backward()
         optimizers["generator"].step()
         average.update_parameters(generator)
-        for name, value in (("d_loss", d_loss), ("g_loss", g_loss), ("gp", penalty)):
-            totals[name] += float(value.detach())
-        bar.set_postfix(d=f"{float(d_loss):.3f}", g=f"{float(g_loss):.3f}")
+        step = {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "gp": penalty.item()}
+        for name, value in step.items():
+            totals[name] += value
+        bar.set_postfix(d=f"{step['d_loss']:.3f}", g=f"{step['g_loss']:.3f}")
     steps = max(1, len(batches))
     losses = {k: v / steps for k, v in totals.items()}
     if params.loss != "wgan_gp":
