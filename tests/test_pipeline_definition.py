@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cellpipe.params import StageParams, flat_keys, load_section
+from cellpipe.stages.augment import AugmentParams
 from cellpipe.stages.evaluate import EvaluateParams
 from cellpipe.stages.export import ExportParams
 from cellpipe.stages.ingest import IngestParams
@@ -22,6 +23,7 @@ from conftest import REPO
 STAGES: dict[str, tuple[str, type[StageParams]]] = {
     "ingest": ("cellpipe.stages.ingest", IngestParams),
     "preprocess": ("cellpipe.stages.preprocess", PreprocessParams),
+    "augment": ("cellpipe.stages.augment", AugmentParams),
     "train": ("cellpipe.stages.train", TrainParams),
     "evaluate": ("cellpipe.stages.evaluate", EvaluateParams),
     "export": ("cellpipe.stages.export", ExportParams),

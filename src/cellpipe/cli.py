@@ -39,11 +39,19 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
     preprocess.run(args.manifest, args.source, args.out, params, workers=args.workers)
 
 
+def _cmd_augment(args: argparse.Namespace) -> None:
+    from cellpipe.stages import augment
+
+    params = load_section(augment.AugmentParams, "augment", args.params)
+    augment.run(args.shards, args.out, args.model_dir, params, device=args.device)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from cellpipe.stages import train
 
     params = load_section(train.TrainParams, "train", args.params)
-    train.run(args.shards, args.manifest, args.out, args.model, params, device=args.device)
+    train.run(args.shards, args.manifest, args.out, args.model, params,
+              synthetic=args.synthetic, device=args.device)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -300,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the source folder the manifest's paths are relative to")
     preprocess.add_argument("--out", type=Path, required=True,
                             help="output folder: shards/, rejected.csv, metrics.json, preview.png")
+    augment = _add_command(
+        commands, "augment", _cmd_augment,
+        "Train a class-conditional GAN on the train split and sample synthetic images.",
+        "DCGAN (bce) or WGAN-GP, 32-256 px, spectral norm, DiffAugment and an averaged "
+        "generator (augment.gan). Sample quality (FID, KID, precision, recall) is measured "
+        "against val. Synthetic images only ever join the train split; the train stage's "
+        "data gate decides whether they are used. augment.enabled: false skips the GAN.",
+        runs_on="torch",
+    )
+    augment.add_argument("--shards", type=Path, required=True, help="preprocess shards folder")
+    augment.add_argument("--out", type=Path, required=True,
+                         help="folder: synthetic/, samples/, history.csv, metrics.json")
+    augment.add_argument("--model-dir", type=Path, required=True,
+                         help="folder for generator.pt and card.json")
     train = _add_command(
         commands, "train", _cmd_train,
         "Train a classifier on the shards (transfer learning, from scratch, pseudo-labels).",
@@ -314,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True,
                        help="reports folder: history.csv, curves.png, metrics.json, checkpoints/")
     train.add_argument("--model", type=Path, required=True, help="checkpoint to write (model.pt)")
+    train.add_argument("--synthetic", type=Path,
+                       help="the augment stage's synthetic folder; the data gate decides "
+                            "whether its images are used (train.synthetic)")
 
     evaluate = _add_command(
         commands, "evaluate", _cmd_evaluate,

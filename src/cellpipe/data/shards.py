@@ -55,6 +55,14 @@ def open_split(shards: Path, split: str) -> SplitShard:
     )
 
 
+def labeled(split: SplitShard) -> SplitShard:
+    """The rows of ``split`` that have a label (drops -1 = unlabeled)."""
+    keep = split.labels >= 0
+    if keep.all():
+        return split
+    return SplitShard(split.images[keep], split.labels[keep], split.rows[keep])
+
+
 class SplitWriter:
     """Fills one split's image memmap by position, then compacts away failed slots."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from cellpipe import __version__
 from cellpipe.contract import ModelContract
@@ -114,3 +117,22 @@ def load_run_state(path: Path, fingerprint: str) -> dict | None:
         log.info("ignoring %s: it belongs to other params, data or code", path)
         return None
     return state
+
+
+def run_fingerprint(params: BaseModel, *inputs: Path | dict) -> str:
+    """Identity of a training run: resume only a checkpoint with the same one.
+
+    It covers the params, the input files (bytes) or descriptions (dicts), and
+    cellpipe's own code: DVC reruns a stage when code changes, and a persisted
+    checkpoint from older code must not be resumed then.
+    """
+    digest = hashlib.sha256(params.model_dump_json().encode())
+    package = Path(__file__).resolve().parents[1]
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.read_bytes())
+    for item in inputs:
+        if isinstance(item, dict):
+            digest.update(json.dumps(item, sort_keys=True).encode())
+        else:
+            digest.update(hashlib.sha256(item.read_bytes()).digest())
+    return digest.hexdigest()

@@ -44,7 +44,7 @@ class GanParams(StageParams):
     loss: LossName = "wgan_gp"
     resolution: int = Field(64, description=f"one of {RESOLUTIONS}")
     z_dim: int = Field(128, ge=1)
-    channels: int = Field(32, ge=4, description="width at full resolution, ×2 per halving")
+    channels: int = Field(16, ge=4, description="width at full resolution, ×2 per halving")
     spectral_norm: bool = True
     diffaugment: tuple[Policy, ...] = DEFAULT_POLICY
     ema_decay: float = Field(0.999, ge=0, lt=1)

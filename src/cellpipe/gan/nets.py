@@ -50,20 +50,20 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 class _UpBlock(nn.Module):
-    """CBN → ReLU → 2× nearest upsampling → 3×3 conv, twice conditioned, with a skip."""
+    """CBN → ReLU → 2× nearest upsampling → 3×3 conv, with a 1×1 skip.
+
+    One convolution per doubling (not BigGAN's two) keeps a step affordable on a CPU.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.norm1 = ConditionalBatchNorm2d(in_channels, num_classes)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = ConditionalBatchNorm2d(out_channels, num_classes)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm = ConditionalBatchNorm2d(in_channels, num_classes)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.up(torch.relu(self.norm1(x, labels))))
-        h = self.conv2(torch.relu(self.norm2(h, labels)))
+        h = self.conv(self.up(torch.relu(self.norm(x, labels))))
         return h + self.skip(self.up(x))
 
 
@@ -71,7 +71,7 @@ class Generator(nn.Module):
     """(noise, label) → an RGB image in [-1, 1] of ``resolution``²."""
 
     def __init__(self, num_classes: int, resolution: int, *, z_dim: int = 128,
-                 channels: int = 32) -> None:
+                 channels: int = 16) -> None:
         super().__init__()
         widths = _widths(resolution, channels)
         self.num_classes, self.resolution, self.z_dim = num_classes, resolution, z_dim
@@ -96,19 +96,17 @@ class Generator(nn.Module):
 
 
 class _DownBlock(nn.Module):
-    """LeakyReLU → 3×3 conv → LeakyReLU → 3×3 conv → 2× average pooling, with a skip."""
+    """LeakyReLU → 3×3 conv → 2× average pooling, with a 1×1 skip."""
 
     def __init__(self, in_channels: int, out_channels: int, wrap) -> None:
         super().__init__()
-        self.conv1 = wrap(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.conv2 = wrap(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv = wrap(nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.skip = wrap(nn.Conv2d(in_channels, out_channels, 1))
         self.act = nn.LeakyReLU(0.2)
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(self.act(self.conv1(self.act(x))))
-        return self.pool(h) + self.skip(self.pool(x))
+        return self.pool(self.conv(self.act(x))) + self.skip(self.pool(x))
 
 
 class Discriminator(nn.Module):
@@ -118,7 +116,7 @@ class Discriminator(nn.Module):
     would couple the samples of a batch.
     """
 
-    def __init__(self, num_classes: int, resolution: int, *, channels: int = 32,
+    def __init__(self, num_classes: int, resolution: int, *, channels: int = 16,
                  spectral_norm: bool = True, extra_outputs: int = 0) -> None:
         super().__init__()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -20,8 +20,9 @@ import torch
 from pydantic import Field
 
 from cellpipe.contract import ModelContract
-from cellpipe.data.shards import SplitShard, open_split, read_meta
-from cellpipe.engine.checkpoint import save_model
+from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
+from cellpipe.data.synthetic import open_synthetic
+from cellpipe.engine.checkpoint import run_fingerprint, save_model
 from cellpipe.engine.data import ImageDataset, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
 from cellpipe.engine.loop import Device, predict
@@ -45,6 +46,10 @@ class TrainParams(FitParams):
     dropout: float = Field(0.2, ge=0, lt=1)
     method: Literal["supervised", "pseudo_label"] = "supervised"
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
+    synthetic: Literal["gate", "always", "never"] = Field(
+        "gate", description="use the augment stage's synthetic images: gate = only if they "
+                            "raise val macro-F1 by synthetic_margin")
+    synthetic_margin: float = Field(0.005, ge=0, description="the data gate's required gain")
 
 
 @dataclass
@@ -53,6 +58,7 @@ class TrainOutcome:
     contract: ModelContract
     result: FitResult
     pseudo_labels: pd.DataFrame
+    gate: dict = field(default_factory=dict)  # the data gate's numbers, if it ran
 
 
 def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelContract:
@@ -66,36 +72,74 @@ def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelC
 
 
 def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Path,
-          fingerprint: str) -> TrainOutcome:
-    """Fit with ``params.method``; ``checkpoints`` holds the resumable state of each round."""
+          fingerprint: str, synthetic: Path | None = None) -> TrainOutcome:
+    """Fit with ``params.method``; ``checkpoints`` holds the resumable state of each round.
+
+    With a ``synthetic`` folder (the augment stage's), the data gate decides whether its
+    images join the training split (see :func:`_data_gate`).
+    """
     meta = read_meta(shards)
     seed_everything(params.seed)  # a backbone without pretrained weights is initialised here
-    train_split, val_split = _labeled(open_split(shards, "train")), open_split(shards, "val")
+    train_split, val_split = labeled(open_split(shards, "train")), open_split(shards, "val")
     backbone = build_backbone(params.backbone, params.weights)
     contract = make_contract(meta, backbone, params)
     log.info("training %s (%s weights) on %d images, validating on %d; classes %s",
              params.backbone, params.weights, len(train_split.images), len(val_split.images),
              list(contract.class_names))
     val = ImageDataset(val_split.images, val_split.labels)
+    unused = [backbone]  # the first round trains the backbone built above, later ones anew
 
-    def fit_round(images: np.ndarray, labels: np.ndarray, round_number: int,
+    def fit_round(images: np.ndarray, labels: np.ndarray, name: str,
                   selection: str) -> tuple[Classifier, FitResult]:
-        fresh = backbone if round_number == 0 else build_backbone(params.backbone, params.weights)
+        fresh = unused.pop() if unused else build_backbone(params.backbone, params.weights)
         seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
         model = Classifier(fresh, len(contract.class_names), params.dropout)
-        tag = f"round {round_number}: " if params.method == "pseudo_label" else ""
+        tag = f"{name}: " if name != "round0" else ""
         result = fit(model, fresh.pretrained, ImageDataset(images, labels), val, contract, params,
-                     device, checkpoint=checkpoints / f"round{round_number}.pt",
-                     fingerprint=f"{fingerprint}:{round_number}:{selection}", tag=tag)
+                     device, checkpoint=checkpoints / f"{name}.pt",
+                     fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag)
         model.load_state_dict(result.best_state)
         return model, result
 
-    model, result = fit_round(train_split.images, train_split.labels, 0, "")
+    model, result = fit_round(train_split.images, train_split.labels, "round0", "")
+    gate: dict = {}
+    if synthetic is not None and params.synthetic != "never":
+        model, result, train_split, gate = _data_gate(
+            open_synthetic(synthetic, meta), train_split, model, result, params, fit_round)
     pseudo = pd.DataFrame(columns=["round", "unlabeled_row", "label", "confidence"])
     if params.method == "pseudo_label":
         model, result, pseudo = _pseudo_label_rounds(
             shards, params, contract, device, train_split, model, result, fit_round)
-    return TrainOutcome(model, contract, result, pseudo)
+    return TrainOutcome(model, contract, result, pseudo, gate)
+
+
+def _data_gate(synthetic: SplitShard, real: SplitShard, model: Classifier, result: FitResult,
+               params: TrainParams, fit_round) -> tuple[Classifier, FitResult, SplitShard, dict]:
+    """Train again with the synthetic images added (same seed, params and epochs); keep
+    them only if val macro-F1 rises by ``synthetic_margin`` (or ``synthetic: always``).
+
+    Returns the chosen model, its fit, the training split it used and the gate's numbers.
+    """
+    if len(synthetic.labels) == 0:
+        return model, result, real, {"synthetic_images": 0, "synthetic_used": False}
+    combined = SplitShard(np.concatenate([real.images, synthetic.images]),
+                          np.concatenate([real.labels, synthetic.labels]),
+                          pd.concat([real.rows, synthetic.rows], ignore_index=True))
+    selection = str(synthetic.rows["generator_sha256"].iloc[0])[:16]
+    with_model, with_result = fit_round(combined.images, combined.labels, "synthetic", selection)
+    gain = with_result.best_score - result.best_score
+    used = params.synthetic == "always" or gain >= params.synthetic_margin
+    gate = {"synthetic_images": int(len(synthetic.labels)),
+            "val_macro_f1_without_synthetic": result.best_score,
+            "val_macro_f1_with_synthetic": with_result.best_score,
+            "synthetic_margin": params.synthetic_margin, "synthetic_used": used}
+    log.info("data gate: val macro-F1 %.4f without, %.4f with %d synthetic images (gain %+.4f, "
+             "margin %.4f): synthetic images %s", result.best_score, with_result.best_score,
+             len(synthetic.labels), gain, params.synthetic_margin,
+             "kept" if used else "rejected")
+    if used:
+        return with_model, with_result, combined, gate
+    return model, result, real, gate
 
 
 def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContract,
@@ -129,7 +173,7 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
         images = np.concatenate([labeled.images, unlabeled.images[rows]])
         selection = hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest()[:16]
         model, result = fit_round(images, np.concatenate([labeled.labels, labels]),
-                                  round_number, selection)
+                                  f"round{round_number}", selection)
         history += [{**row, "round": round_number} for row in result.history]
         if result.best_score > best_result.best_score:
             best_model, best_result = model, result
@@ -137,34 +181,22 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
     return best_model, best_result, pd.DataFrame.from_records(records)
 
 
-def _labeled(split: SplitShard) -> SplitShard:
-    keep = split.labels >= 0
-    if keep.all():
-        return split
-    return SplitShard(split.images[keep], split.labels[keep], split.rows[keep])
-
-
-def fingerprint_of(params: TrainParams, manifest: Path, shards: Path) -> str:
-    """Identity of a training run: resume only a checkpoint with the same one.
-
-    It covers params, data and cellpipe's own code: DVC reruns the stage when code
-    changes, and a persisted checkpoint from older code must not be resumed then.
-    """
-    digest = hashlib.sha256(params.model_dump_json().encode())
-    package = Path(__file__).resolve().parents[1]
-    for source in sorted(package.rglob("*.py")):
-        digest.update(source.read_bytes())
-    digest.update(hashlib.sha256(manifest.read_bytes()).digest())
-    digest.update(json.dumps(read_meta(shards), sort_keys=True).encode())
-    return digest.hexdigest()
+def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
+                   synthetic: Path | None = None) -> str:
+    """Identity of a training run (params, data, synthetic data, code): see run_fingerprint."""
+    inputs: list[Path | dict] = [manifest, read_meta(shards)]
+    if synthetic is not None:
+        inputs += [read_meta(synthetic), synthetic / "train" / "rows.parquet"]
+    return run_fingerprint(params, *inputs)
 
 
 def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: TrainParams, *,
-        device: str = "auto") -> dict:
+        synthetic: Path | None = None, device: str = "auto") -> dict:
     """The stage as DVC runs it: checkpoint to ``model_path``, reports under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     outcome = train(shards, params, device=Device.pick(device), checkpoints=out / "checkpoints",
-                    fingerprint=fingerprint_of(params, manifest, shards))
+                    fingerprint=fingerprint_of(params, manifest, shards, synthetic),
+                    synthetic=synthetic)
     manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
     timed = pd.DataFrame.from_records(outcome.result.history)
     # Wall-clock seconds stay out of every tracked file: they differ on each run, and a
@@ -173,7 +205,7 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
     save_model(model_path, outcome.model, outcome.contract, backbone=params.backbone,
                weights=params.weights, dropout=params.dropout,
                params=json.loads(params.model_dump_json()), manifest_sha256=manifest_sha,
-               val_macro_f1=outcome.result.best_score,
+               val_macro_f1=outcome.result.best_score, data_gate=outcome.gate,
                history=history.to_dict(orient="records"))
     history.to_csv(out / "history.csv", index=False)
     outcome.pseudo_labels.to_csv(out / "pseudo_labels.csv", index=False)
@@ -184,6 +216,7 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
         "val_accuracy": float(best["val_accuracy"]),
         "epochs": len(history),
         "pseudo_labels": len(outcome.pseudo_labels),
+        **outcome.gate,
     }
     write_json(out / "metrics.json", metrics)
     log.info("best val macro-F1 %.4f after %d epochs (%.1f s); model saved to %s",

@@ -1,0 +1,142 @@
+"""Benchmark: do GAN samples help? DCGAN-BCE against WGAN-GP + DiffAugment.
+
+For each data set, trains both GANs with the real augment stage, reports their
+sample quality against val (FID, KID, precision, recall in EfficientNet-Lite0
+space) and wall time, then runs the train stage's data gate with each GAN's
+synthetic images: val macro-F1 without and with them, and whether they were kept.
+Sample grids are copied to bench/results/ for the README.
+
+    python bench/gan.py [--only melanoma bccd_wbc] [--epochs N]
+
+melanoma: the shared 200-labeled set at 32 px (classifier at 64 px, as in
+train_real.py). bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import train_real
+
+from cellpipe.parallel import default_workers
+from cellpipe.params import load_section
+from cellpipe.stages import augment as augment_stage
+from cellpipe.stages import ingest as ingest_stage
+from cellpipe.stages import preprocess as preprocess_stage
+from cellpipe.stages import train as train_stage
+
+log = logging.getLogger("bench.gan")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+GANS = {
+    "DCGAN-BCE": {"loss": "bce", "spectral_norm": False, "diffaugment": [],
+                  "betas": [0.5, 0.999]},
+    "WGAN-GP + DiffAugment": {"loss": "wgan_gp", "spectral_norm": True,
+                              "diffaugment": ["color", "translation", "cutout"],
+                              "betas": [0.0, 0.9]},
+}
+
+
+@dataclass
+class GanBench:
+    resolution: int
+    epochs: int
+    augment: dict   # classes and count
+    train: dict     # the classifier run the gate compares
+
+
+BENCHES = {
+    "melanoma": GanBench(32, 300, {"count": 200},
+                         {"phases": [{"trainable": "head", "epochs": 40, "lr": 0.003},
+                                     {"trainable": 3, "epochs": 15, "lr": 0.0005}],
+                          "early_stopping_patience": 8}),
+    "bccd_wbc": GanBench(64, 100, {"classes": ["WBC"], "count": 500}, {}),
+}
+
+
+def _melanoma_shards(scratch: Path) -> tuple[Path, Path]:
+    return train_real._prepare(train_real.EXPERIMENTS["melanoma"], scratch)
+
+
+def _bccd_shards(scratch: Path) -> tuple[Path, Path]:
+    """The demo pipeline's ingest and preprocess, with params.yaml's settings."""
+    params_file = ROOT / "params.yaml"
+    ingest_params = load_section(ingest_stage.IngestParams, "ingest", params_file)
+    ingest_stage.run(ROOT / "data" / "bccd", scratch / "ingest", ingest_params,
+                     workers=default_workers())
+    manifest = scratch / "ingest" / "manifest.parquet"
+    preprocess_params = load_section(preprocess_stage.PreprocessParams, "preprocess",
+                                     params_file)
+    preprocess_stage.run(manifest, ROOT / "data" / "bccd", scratch / "pre", preprocess_params,
+                         workers=default_workers())
+    return manifest, scratch / "pre" / "shards"
+
+
+def _train_params(bench: GanBench, synthetic: str) -> train_stage.TrainParams:
+    if bench.train:
+        return train_stage.TrainParams.model_validate({**bench.train, "synthetic": synthetic})
+    train = load_section(train_stage.TrainParams, "train", ROOT / "params.yaml")
+    return train.model_copy(update={"synthetic": synthetic})
+
+
+def run_bench(name: str, bench: GanBench, scratch: Path, epochs: int | None) -> list[dict]:
+    prepare = _melanoma_shards if name == "melanoma" else _bccd_shards
+    manifest, shards = prepare(scratch)
+    rows = []
+    for label, gan in GANS.items():
+        out = scratch / label.split()[0]
+        params = augment_stage.AugmentParams.model_validate({
+            "enabled": True, **bench.augment,
+            "gan": {**gan, "resolution": bench.resolution, "epochs": epochs or bench.epochs,
+                    "sample_every": epochs or bench.epochs,
+                    "evaluate_every": epochs or bench.epochs}})
+        started = time.perf_counter()
+        quality = augment_stage.run(shards, out / "augment", out / "gan", params, device="cpu")
+        gan_s = time.perf_counter() - started
+        gated = train_stage.run(shards, manifest, out / "train", out / "model.pt",
+                                _train_params(bench, "gate"),
+                                synthetic=out / "augment" / "synthetic", device="cpu")
+        grid = sorted((out / "augment" / "samples").glob("*.png"))[-1]
+        shutil.copy(grid, RESULTS / f"gan_{name}_{gan['loss']}.png")
+        rows.append({
+            "data set": name, "GAN": label, "size": f"{bench.resolution} px",
+            "epochs": params.gan.epochs, "GAN wall time": f"{gan_s / 60:.1f} min",
+            "FID": round(quality["fid"], 1),
+            "KID": f"{quality['kid']:.4f} ± {quality['kid_std']:.4f}",
+            "precision": round(quality["precision"], 3), "recall": round(quality["recall"], 3),
+            "synthetic": quality["synthetic_images"],
+            "val macro-F1 without": round(gated["val_macro_f1_without_synthetic"], 4),
+            "val macro-F1 with": round(gated["val_macro_f1_with_synthetic"], 4),
+            "gate": "kept" if gated["synthetic_used"] else "rejected",
+        })
+        log.info("%s", json.dumps(rows[-1]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("--epochs", type=int, help="override the GAN epochs (quick runs)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    RESULTS.mkdir(exist_ok=True)
+    for name in args.only:
+        with tempfile.TemporaryDirectory(prefix=f"cellpipe-gan-{name}-") as scratch:
+            rows = run_bench(name, BENCHES[name], Path(scratch), args.epochs)
+        table = pd.DataFrame(rows).to_markdown(index=False)
+        (RESULTS / f"gan_{name}.md").write_text(table + "\n")
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()

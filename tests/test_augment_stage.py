@@ -1,0 +1,130 @@
+"""The augment stage and the train stage's data gate, on generated shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellpipe.data.shards import open_split, read_meta
+from cellpipe.data.synthetic import open_synthetic, write_synthetic
+from cellpipe.engine.checkpoint import load_model
+from cellpipe.errors import InputError
+from cellpipe.stages import augment as augment_stage
+from cellpipe.stages import train as train_stage
+from cellpipe.stages.augment import AugmentParams, synthetic_counts
+from cellpipe.stages.train import TrainParams
+from conftest import write_shards
+
+CLASSES = ("red", "green", "blue")
+TINY_GAN = {"resolution": 32, "channels": 4, "z_dim": 8, "epochs": 2, "batch_size": 16,
+            "sample_every": 1, "evaluate_every": 1}
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    return write_shards(tmp_path / "shards", CLASSES, {"train": 30, "val": 10, "test": 10})
+
+
+def _train_params(**overrides) -> TrainParams:
+    base = {"backbone": "smallcnn", "weights": "none", "batch_size": 16,
+            "phases": [{"trainable": "all", "epochs": 3, "lr": 0.01}]}
+    return TrainParams.model_validate({**base, **overrides})
+
+
+def _train(shards: Path, out: Path, params: TrainParams, synthetic: Path | None) -> dict:
+    manifest = out.parent / "manifest.parquet"
+    manifest.write_bytes(b"stand-in manifest")
+    return train_stage.run(shards, manifest, out, out / "model.pt", params,
+                           synthetic=synthetic, device="cpu")
+
+
+def _split_bytes(shards: Path) -> dict[str, str]:
+    return {str(p.relative_to(shards)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(shards.rglob("*")) if p.is_file()}
+
+
+def test_counts_balance_up_to_the_largest_class_or_are_fixed() -> None:
+    labels = np.array([0] * 50 + [1] * 10 + [2] * 30)
+    names = list(CLASSES)
+    assert synthetic_counts(labels, names, AugmentParams(enabled=True)) == {1: 40, 2: 20}
+    assert synthetic_counts(labels, names, AugmentParams(classes=["green"], count=5)) == {1: 5}
+    with pytest.raises(InputError, match="not among the classes"):
+        synthetic_counts(labels, names, AugmentParams(classes=["purple"]))
+
+
+def test_augment_writes_labelled_synthetic_train_images_with_provenance(
+        shards: Path, tmp_path: Path) -> None:
+    params = AugmentParams.model_validate(
+        {"enabled": True, "classes": ["green"], "count": 12, "gan": TINY_GAN})
+    before = _split_bytes(shards)
+    metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")
+    synthetic = tmp_path / "out" / "synthetic"
+    assert sorted(p.name for p in synthetic.iterdir() if p.is_dir()) == ["train"]
+    part = open_synthetic(synthetic, read_meta(shards))
+    assert part.images.shape == (12, 16, 16, 3) and (part.labels == 1).all()
+    generator_sha = hashlib.sha256((tmp_path / "gan" / "generator.pt").read_bytes()).hexdigest()
+    assert part.rows["synthetic"].all() and (part.rows["generator_sha256"] == generator_sha).all()
+    assert part.rows["label"].eq("green").all() and part.rows["split"].eq("train").all()
+    assert metrics["generator_sha256"] == generator_sha and metrics["synthetic_images"] == 12
+    assert {"fid", "kid", "precision", "recall"} <= set(metrics)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["synthetic_per_class"] == {"green": 12}
+    assert (tmp_path / "out" / "samples" / "epoch_0002.png").stat().st_size > 0
+    assert _split_bytes(shards) == before, "the real shards (val, test) are never touched"
+
+
+def test_disabled_augment_writes_an_empty_set_that_training_accepts(
+        shards: Path, tmp_path: Path) -> None:
+    metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", AugmentParams(),
+                                device="cpu")
+    assert metrics == {"enabled": False, "synthetic_images": 0}
+    trained = _train(shards, tmp_path / "train", _train_params(), tmp_path / "out" / "synthetic")
+    assert trained["synthetic_images"] == 0 and trained["synthetic_used"] is False
+
+
+def test_synthetic_folder_with_a_val_split_is_refused(shards: Path, tmp_path: Path) -> None:
+    meta = read_meta(shards)
+    folder = tmp_path / "synthetic"
+    write_synthetic(folder, meta, np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]),
+                    provenance={"generator_sha256": "0" * 64})
+    (folder / "val").mkdir()
+    with pytest.raises(InputError, match="never validation or test"):
+        open_synthetic(folder, meta)
+    with pytest.raises(InputError, match="image_size"):
+        open_synthetic(_other_size(folder, meta), meta)
+
+
+def _other_size(folder: Path, meta: dict) -> Path:
+    other = folder.parent / "other"
+    write_synthetic(other, {**meta, "image_size": 8}, np.zeros((1, 8, 8, 3), np.uint8),
+                    np.array([0]), provenance={"generator_sha256": "1" * 64})
+    return other
+
+
+def _mislabelled_synthetic(shards: Path, folder: Path) -> None:
+    """'Synthetic' images that hurt: real train images under the wrong class."""
+    train = open_split(shards, "train")
+    wrong = (train.labels + 1) % len(CLASSES)
+    images = np.concatenate([train.images] * 3)
+    write_synthetic(folder, read_meta(shards), images, np.concatenate([wrong] * 3),
+                    provenance={"generator_sha256": "f" * 64, "sample_seed": 0})
+
+
+def test_gate_rejects_synthetic_data_that_does_not_help(shards: Path, tmp_path: Path) -> None:
+    synthetic = tmp_path / "bad"
+    _mislabelled_synthetic(shards, synthetic)
+    gated = _train(shards, tmp_path / "gated", _train_params(), synthetic)
+    assert gated["synthetic_used"] is False and gated["synthetic_images"] == 270
+    assert gated["val_macro_f1_with_synthetic"] < gated["val_macro_f1_without_synthetic"]
+    assert gated["val_macro_f1"] == gated["val_macro_f1_without_synthetic"]
+    plain = _train(shards, tmp_path / "plain", _train_params(), None)
+    assert gated["val_macro_f1"] == plain["val_macro_f1"], "rejected data leaves no trace"
+    assert load_model(tmp_path / "gated" / "model.pt").info["data_gate"]["synthetic_used"] is False
+
+    forced = _train(shards, tmp_path / "forced", _train_params(synthetic="always"), synthetic)
+    assert forced["synthetic_used"] is True
+    assert forced["val_macro_f1"] == forced["val_macro_f1_with_synthetic"]
