@@ -42,13 +42,21 @@ def write_synthetic(folder: Path, meta: dict, images: np.ndarray, labels: np.nda
                                        "synthetic": provenance})
 
 
+def read_synthetic_meta(folder: Path) -> dict:
+    """The synthetic folder's description; InputError naming the augment stage if absent."""
+    if not (folder / "meta.json").is_file():
+        raise InputError(f"no synthetic images at {folder} (run the augment stage first, "
+                         "or leave out --synthetic)")
+    return read_meta(folder)
+
+
 def open_synthetic(folder: Path, meta: dict) -> SplitShard:
     """The synthetic train images, after checking they fit these shards and nothing else.
 
     Raises InputError if the folder holds any split besides ``train`` (synthetic images
     must never reach validation or test) or was made for other classes or sizes.
     """
-    synthetic_meta = read_meta(folder)
+    synthetic_meta = read_synthetic_meta(folder)
     splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if splits != [SYNTHETIC_SPLIT]:
         raise InputError(f"{folder} holds splits {splits}: synthetic images may only join "

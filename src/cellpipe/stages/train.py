@@ -21,7 +21,7 @@ from pydantic import Field
 
 from cellpipe.contract import ModelContract
 from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
-from cellpipe.data.synthetic import open_synthetic
+from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
 from cellpipe.engine.data import ImageDataset, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
@@ -186,7 +186,7 @@ def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
     """Identity of a training run (params, data, synthetic data, code): see run_fingerprint."""
     inputs: list[Path | dict] = [manifest, read_meta(shards)]
     if synthetic is not None:
-        inputs += [read_meta(synthetic), synthetic / "train" / "rows.parquet"]
+        inputs += [read_synthetic_meta(synthetic), synthetic / "train" / "rows.parquet"]
     return run_fingerprint(params, *inputs)
 
 
