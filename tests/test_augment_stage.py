@@ -119,6 +119,7 @@ def test_gate_rejects_synthetic_data_that_does_not_help(shards: Path, tmp_path: 
     _mislabelled_synthetic(shards, synthetic)
     gated = _train(shards, tmp_path / "gated", _train_params(), synthetic)
     assert gated["synthetic_used"] is False and gated["synthetic_images"] == 270
+    assert gated["val_macro_f1_gain_lower_bound"] < 0
     assert gated["val_macro_f1_with_synthetic"] < gated["val_macro_f1_without_synthetic"]
     assert gated["val_macro_f1"] == gated["val_macro_f1_without_synthetic"]
     plain = _train(shards, tmp_path / "plain", _train_params(), None)

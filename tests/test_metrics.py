@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from cellpipe.engine.metrics import (
+    _macro_f1,
     classification_report,
     expected_calibration_error,
     fit_temperature,
+    macro_f1_gain_lower_bound,
     softmax,
 )
 from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
@@ -78,3 +81,30 @@ def test_pseudo_labels_respect_threshold_and_caps() -> None:
         probs, PseudoLabelParams(threshold=0.9, max_per_class=10, max_class_ratio=2))
     assert rows.tolist() == [1, 3, 4] and np.bincount(labels).tolist() == [2, 1]
     assert (probs[rows].max(axis=1) >= 0.9).all()
+
+
+def test_vectorised_macro_f1_equals_scikit_learn() -> None:
+    rng = np.random.default_rng(3)
+    labels, predictions = rng.integers(0, 3, (50, 40)), rng.integers(0, 4, (50, 40))
+    ours = _macro_f1(labels, predictions, np.arange(3))
+    for row in range(50):
+        expected = f1_score(labels[row], predictions[row], labels=[0, 1, 2], average="macro",
+                            zero_division=0)
+        assert ours[row] == pytest.approx(expected)
+
+
+def test_gain_lower_bound_tells_noise_from_a_real_gain() -> None:
+    labels = np.tile([0, 1], 20)                      # 40 val images, as on melanoma
+    before = labels.copy()
+    before[:12] = 1 - before[:12]                     # 12 wrong
+    two_fixed = before.copy()
+    two_fixed[:2] = labels[:2]
+    swapped = two_fixed.copy()                        # fixes 2, breaks 2 others
+    swapped[20:22] = 1 - swapped[20:22]
+    ten_fixed = before.copy()
+    ten_fixed[:10] = labels[:10]
+    assert macro_f1_gain_lower_bound(labels, before, before) == 0.0
+    assert macro_f1_gain_lower_bound(labels, before, swapped) < 0
+    # Two more right answers out of 40 is +0.05 macro-F1 but within what chance gives.
+    assert macro_f1_gain_lower_bound(labels, before, two_fixed) < 0.01
+    assert macro_f1_gain_lower_bound(labels, before, ten_fixed) > 0.1

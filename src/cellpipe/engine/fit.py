@@ -73,6 +73,9 @@ class FitResult:
     best_score: float
     best_state: dict
     history: list[dict] = field(default_factory=list)
+    # The best epoch's val predictions (argmax), aligned with the val labels, so a caller
+    # can compare two fits image by image (the data gate's paired bootstrap).
+    best_val_predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -99,7 +102,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
                  tag, state["phase"] + 1, state["epoch"])
     else:
         state = {"phase": 0, "epoch": 0, "best_score": -1.0, "stale": 0, "history": [],
-                 "best_state": copy.deepcopy(model.state_dict())}
+                 "best_state": copy.deepcopy(model.state_dict()),
+                 "best_val_predictions": np.zeros(0, np.int64)}
     num_classes = len(contract.class_names)
     loss_fn = _loss(train.labels, num_classes, params).to(device.torch_device)
     for index in range(state["phase"], len(params.phases)):
@@ -133,7 +137,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
             record = _epoch_record(state, index, phase, train_loss, logits, labels,
                                    optimizer, time.perf_counter() - started, cached)
             state["history"].append(record)
-            _keep_if_best(state, model, record["val_macro_f1"])
+            _keep_if_best(state, model, record["val_macro_f1"], logits.argmax(1))
             state["epoch"] += 1
             state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rng_state(generator))
@@ -147,7 +151,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         state.update(phase=index + 1, epoch=0, stale=0, model=model.state_dict(),
                      rng=rng_state(generator))
         save_run_state(checkpoint, state, fingerprint)
-    return FitResult(state["best_score"], state["best_state"], state["history"])
+    return FitResult(state["best_score"], state["best_state"], state["history"],
+                     state["best_val_predictions"])
 
 
 # --- phases --------------------------------------------------------------------------------
@@ -237,8 +242,10 @@ def _epoch_record(state: dict, index: int, phase: PhaseParams, train_loss: float
     }
 
 
-def _keep_if_best(state: dict, model: nn.Module, score: float) -> None:
+def _keep_if_best(state: dict, model: nn.Module, score: float,
+                  predictions: np.ndarray) -> None:
     if score > state["best_score"]:
-        state.update(best_score=score, stale=0, best_state=copy.deepcopy(model.state_dict()))
+        state.update(best_score=score, stale=0, best_state=copy.deepcopy(model.state_dict()),
+                     best_val_predictions=predictions)
     else:
         state["stale"] += 1
