@@ -76,9 +76,11 @@ def reliability_diagram(bins: pd.DataFrame, ece_before: float, ece_after: float,
     _save(figure, path)
 
 
-def mistake_gallery(images: np.ndarray, titles: Sequence[str], path: Path,
-                    columns: int = 8) -> None:
-    """A grid of images (uint8 N×H×W×3) with a title each; an empty set says so."""
+def image_gallery(images: np.ndarray, titles: Sequence[str], path: Path,
+                    columns: int = 8, *,
+                    title: str = "most confident mistakes (true → predicted, confidence)"
+                    ) -> None:
+    """A grid of images (uint8 N×H×W×3) with a title each (the mistakes gallery by default)."""
     rows = max(1, int(np.ceil(len(images) / columns)))
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9),
                                 squeeze=False)
@@ -89,5 +91,5 @@ def mistake_gallery(images: np.ndarray, titles: Sequence[str], path: Path,
         axis.set_title(title, fontsize=7)
     if len(images) == 0:
         axes.flat[0].text(0, 0.5, "no mistakes", fontsize=12)
-    figure.suptitle("most confident mistakes (true → predicted, confidence)", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     _save(figure, path)

@@ -36,7 +36,14 @@ from cellpipe.engine.data import (
     feature_loader,
     image_loader,
 )
-from cellpipe.engine.loop import Device, extract_features, predict, train_one_epoch, warmup_cosine
+from cellpipe.engine.loop import (
+    Device,
+    Epoch,
+    Objective,
+    extract_features,
+    predict,
+    warmup_cosine,
+)
 from cellpipe.errors import CellpipeError
 from cellpipe.nets.classifier import Classifier
 from cellpipe.params import StageParams
@@ -88,8 +95,14 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageDataset,
         contract: ModelContract, params: FitParams, device: Device, *,
-        checkpoint: Path, fingerprint: str, tag: str = "") -> FitResult:
-    """Train ``model`` in place through ``params.phases``; resume from ``checkpoint``."""
+        checkpoint: Path, fingerprint: str, tag: str = "",
+        objective: Objective | None = None) -> FitResult:
+    """Train ``model`` in place through ``params.phases``; resume from ``checkpoint``.
+
+    ``objective`` is what each epoch optimises (supervised cross-entropy unless given,
+    e.g. the semi-supervised GAN's); everything else is this one loop.
+    """
+    objective = objective or Objective()
     if len(val) == 0:
         raise CellpipeError("training needs a non-empty 'val' split for early stopping")
     generator = seed_everything(params.seed)
@@ -98,6 +111,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
     resuming = state is not None
     if state is not None:
         model.load_state_dict(state["model"])
+        objective.load_state_dict(state.get("objective", {}))
         log.info("%sresuming after phase %d epoch %d (of a killed or earlier run)",
                  tag, state["phase"] + 1, state["epoch"])
     else:
@@ -119,7 +133,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
                                                          params, device, generator)
         trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=params.weight_decay)
-        total_steps = phase.epochs * len(train_batches)
+        total_steps = phase.epochs * objective.steps_per_epoch(model, module, train_batches)
         warmup_steps = round(params.warmup_fraction * total_steps)
         scheduler = warmup_cosine(optimizer, total_steps, warmup_steps)
         if resuming:  # inside this phase
@@ -131,8 +145,9 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
             started = time.perf_counter()
             _train_mode(model, module, phase, pretrained and params.freeze_pretrained_bn)
             desc = f"{tag}phase {index + 1}/{len(params.phases)} epoch {state['epoch'] + 1}"
-            train_loss = train_one_epoch(module, train_batches, optimizer, scheduler, loss_fn,
-                                         device, desc=desc)
+            train_loss = objective.train_epoch(Epoch(model, module, train_batches, optimizer,
+                                                     scheduler, loss_fn, device, generator,
+                                                     desc))
             logits, labels = predict(module, val_batches, device, desc="validate")
             record = _epoch_record(state, index, phase, train_loss, logits, labels,
                                    optimizer, time.perf_counter() - started, cached)
@@ -140,7 +155,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
             _keep_if_best(state, model, record["val_macro_f1"], logits.argmax(1))
             state["epoch"] += 1
             state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=rng_state(generator))
+                         scheduler=scheduler.state_dict(), rng=rng_state(generator),
+                         objective=objective.state_dict())
             save_run_state(checkpoint, state, fingerprint)
             # Logged after saving: an epoch in the log is an epoch a rerun will not repeat.
             log.info("%s: loss %.4f, val macro-F1 %.4f, val accuracy %.4f (%.1f s)", desc,

@@ -56,6 +56,48 @@ def progress(batches: Iterable, desc: str) -> tqdm:
     return tqdm(batches, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
+@dataclass
+class Epoch:
+    """What one training epoch works with: the whole classifier, the module being
+    trained (the classifier, or only its head on cached features), the labelled
+    batches, the optimiser and scheduler of this phase, the loss, and the generator
+    that orders the data (checkpointed, so a resumed epoch replays exactly)."""
+
+    model: nn.Module
+    module: nn.Module
+    batches: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    device: Device
+    generator: torch.Generator
+    desc: str
+
+
+class Objective:
+    """What an epoch optimises. The loop around it (phases, validation, early stopping,
+    checkpoints, resume) is the same for every method; a method changes only this.
+
+    The base class is plain supervised training on the labelled batches.
+    """
+
+    def steps_per_epoch(self, model: nn.Module, module: nn.Module, batches: DataLoader) -> int:
+        """Optimiser steps in one epoch (the scheduler's horizon is built from it)."""
+        return len(batches)
+
+    def train_epoch(self, epoch: Epoch) -> float:
+        """Train one epoch; return its mean loss."""
+        return train_one_epoch(epoch.module, epoch.batches, epoch.optimizer, epoch.scheduler,
+                               epoch.loss_fn, epoch.device, desc=epoch.desc)
+
+    def state_dict(self) -> dict:
+        """Whatever the objective itself trains (checkpointed with the model)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (resume after a kill)."""
+
+
 def train_one_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
                     device: Device, *, desc: str = "train") -> float:

@@ -108,4 +108,4 @@ def _write_figures(out: Path, labels: np.ndarray, raw: np.ndarray, scaled: np.nd
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-scaled[wrong].max(axis=1), kind="stable")][:params.gallery_size]
     titles = [f"{names[labels[i]]} → {names[predicted[i]]} {scaled[i].max():.2f}" for i in worst]
-    plots.mistake_gallery(np.asarray(images[worst]), titles, out / "mistakes.png")
+    plots.image_gallery(np.asarray(images[worst]), titles, out / "mistakes.png")

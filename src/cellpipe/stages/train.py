@@ -23,16 +23,17 @@ from cellpipe.contract import ModelContract
 from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
-from cellpipe.engine.data import ImageDataset, image_loader
+from cellpipe.engine.data import ImageDataset, build_augment, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
 from cellpipe.engine.loop import Device, predict
 from cellpipe.engine.metrics import macro_f1_gain_lower_bound
 from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
+from cellpipe.engine.sgan import SemiSupervisedGan, SganParams
 from cellpipe.errors import InputError
 from cellpipe.fsutil import write_json
 from cellpipe.nets.classifier import Classifier
 from cellpipe.nets.registry import Backbone, build_backbone
-from cellpipe.plots import training_curves
+from cellpipe.plots import image_gallery, training_curves
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class TrainParams(FitParams):
     mean: list[float] | None = Field(None, description="override the weights' normalisation")
     std: list[float] | None = None
     dropout: float = Field(0.2, ge=0, lt=1)
-    method: Literal["supervised", "pseudo_label"] = "supervised"
+    method: Literal["supervised", "pseudo_label", "sgan"] = "supervised"
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
+    sgan: SganParams = SganParams()
     synthetic: Literal["gate", "always", "never"] = Field(
         "gate", description="use the augment stage's synthetic images: gate = only if they "
                             "raise val macro-F1 by synthetic_margin, with confidence")
@@ -63,6 +65,7 @@ class TrainOutcome:
     result: FitResult
     pseudo_labels: pd.DataFrame
     gate: dict = field(default_factory=dict)  # the data gate's numbers, if it ran
+    generated: np.ndarray | None = None       # sgan: samples of the final generator
 
 
 def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelContract:
@@ -92,6 +95,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
              list(contract.class_names))
     val = ImageDataset(val_split.images, val_split.labels)
     unused = [backbone]  # the first round trains the backbone built above, later ones anew
+    objectives: list[SemiSupervisedGan] = []
 
     def fit_round(images: np.ndarray, labels: np.ndarray, name: str,
                   selection: str) -> tuple[Classifier, FitResult]:
@@ -99,9 +103,14 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
         seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
         model = Classifier(fresh, len(contract.class_names), params.dropout)
         tag = f"{name}: " if name != "round0" else ""
+        objective = None
+        if params.method == "sgan":  # a fresh generator for every fit
+            objective = _sgan_objective(shards, contract, params)
+            objectives.append(objective)
         result = fit(model, fresh.pretrained, ImageDataset(images, labels), val, contract, params,
                      device, checkpoint=checkpoints / f"{name}.pt",
-                     fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag)
+                     fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag,
+                     objective=objective)
         model.load_state_dict(result.best_state)
         return model, result
 
@@ -115,7 +124,24 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     if params.method == "pseudo_label":
         model, result, pseudo = _pseudo_label_rounds(
             shards, params, contract, device, train_split, model, result, fit_round)
-    return TrainOutcome(model, contract, result, pseudo, gate)
+    generated = objectives[-1].samples() if objectives else None
+    return TrainOutcome(model, contract, result, pseudo, gate, generated)
+
+
+def _unlabeled_split(shards: Path, method: str) -> SplitShard:
+    try:
+        return open_split(shards, "unlabeled")
+    except InputError as error:
+        raise InputError(f"method {method} needs an 'unlabeled' split: {error}") from error
+
+
+def _sgan_objective(shards: Path, contract: ModelContract,
+                    params: TrainParams) -> SemiSupervisedGan:
+    """The semi-supervised GAN's objective over the unlabelled split (augmented as train)."""
+    unlabeled = _unlabeled_split(shards, "sgan")
+    dataset = ImageDataset(unlabeled.images, np.zeros(len(unlabeled.images), np.int64),
+                           build_augment(params.augment, contract.pad_value))
+    return SemiSupervisedGan(dataset, contract, params.sgan, params.batch_size)
 
 
 def _data_gate(synthetic: SplitShard, real: SplitShard, val_labels: np.ndarray,
@@ -167,10 +193,7 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
     Each round starts again from the backbone's initial weights, so a wrong
     pseudo-label from round k cannot be reinforced by the weights that made it.
     """
-    try:
-        unlabeled = open_split(shards, "unlabeled")
-    except InputError as error:
-        raise InputError(f"method pseudo_label needs an 'unlabeled' split: {error}") from error
+    unlabeled = _unlabeled_split(shards, "pseudo_label")
     best_model, best_result, history = model, result, list(result.history)
     records = []
     for round_number in range(1, params.pseudo_label.rounds + 1):
@@ -226,6 +249,9 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
     history.to_csv(out / "history.csv", index=False)
     outcome.pseudo_labels.to_csv(out / "pseudo_labels.csv", index=False)
     training_curves(history, out / "curves.png")
+    if outcome.generated is not None:  # a look at what the classifier learnt to reject
+        image_gallery(outcome.generated, [""] * len(outcome.generated),
+                        out / "sgan_generated.png", title="sgan: generated images")
     best = history.loc[history["val_macro_f1"].idxmax()]
     metrics = {
         "val_macro_f1": float(best["val_macro_f1"]),
