@@ -6,7 +6,7 @@ space) and wall time, then runs the train stage's data gate with each GAN's
 synthetic images: val macro-F1 without and with them, and whether they were kept.
 Sample grids are copied to bench/results/ for the README.
 
-    python bench/gan.py [--only melanoma bccd_wbc sgan] [--epochs N]
+    python bench/gan.py [--only melanoma bccd_wbc sgan] [--epochs N] [--seeds 42 1 2]
 
 melanoma: the shared 200-labeled set at 32 px (classifier at 64 px, as in
 train_real.py). bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px.
@@ -82,31 +82,54 @@ SGAN_MELANOMA = {
 }
 
 
-def run_sgan(scratch: Path) -> list[dict]:
-    """SGAN and supervised on melanoma: same data, backbone, head phase and evaluate."""
+def run_sgan(scratch: Path, seeds: list[int]) -> list[dict]:
+    """SGAN and supervised on melanoma: same data, backbone, head phase and evaluate.
+
+    Each seed sets the data order and head initialisation (train.seed) and, for SGAN,
+    the generator's initialisation (train.sgan.seed); the last rows are the means.
+    """
     manifest, shards = _melanoma_shards(scratch)
     rows = []
-    for label, train in (("supervised", SUPERVISED_MELANOMA), ("SGAN", SGAN_MELANOMA)):
-        out = scratch / label
-        started = time.perf_counter()
-        trained = train_stage.run(shards, manifest, out, out / "model.pt",
-                                  train_stage.TrainParams.model_validate(train), device="cpu")
-        wall = time.perf_counter() - started
-        (out / "evaluate").mkdir(parents=True, exist_ok=True)
-        test = evaluate_stage.evaluate(out / "model.pt", shards, out / "evaluate",
-                                       out / "calibration.json", evaluate_stage.EvaluateParams())
-        if (out / "sgan_generated.png").exists():
-            shutil.copy(out / "sgan_generated.png", RESULTS / "sgan_melanoma_generated.png")
-        phases = " → ".join(f"{p['trainable']}×{p['epochs']}" for p in train["phases"])
-        rows.append({"data set": "melanoma 200 labeled (+7,018 unlabeled for SGAN) → 600 test",
-                     "method": label, "phases (trainable×epochs)": phases,
-                     "wall time": f"{wall / 60:.1f} min",
-                     "val macro-F1": round(trained["val_macro_f1"], 4),
-                     "test accuracy": f"{test['accuracy']:.1%}",
-                     "test macro-F1": round(test["macro_f1"], 3),
-                     "published": "~50% SGAN" if label == "SGAN" else "~75% supervised"})
-        log.info("%s", json.dumps(rows[-1]))
-    return rows
+    for seed in seeds:
+        for label, train in (("supervised", SUPERVISED_MELANOMA), ("SGAN", SGAN_MELANOMA)):
+            train = {**train, "seed": seed}
+            if "sgan" in train:
+                train["sgan"] = {**train["sgan"], "seed": seed}
+            rows.append(_sgan_bench_run(label, train, seed, shards, manifest,
+                                        scratch / f"{label}-{seed}",
+                                        keep_grid=seed == seeds[0]))
+            log.info("%s", json.dumps(rows[-1]))
+    table = pd.DataFrame(rows)
+    for label in ("supervised", "SGAN"):
+        runs = table[table["method"] == label]
+        rows.append({**runs.iloc[0].to_dict(), "seed": f"mean of {len(runs)}",
+                     "wall time": f"{runs['minutes'].mean():.1f} min",
+                     "val macro-F1": round(runs["val macro-F1"].mean(), 4),
+                     "test accuracy": f"{runs['accuracy'].mean():.1%}",
+                     "test macro-F1": round(runs["test macro-F1"].mean(), 3)})
+    return [{k: v for k, v in row.items() if k not in ("minutes", "accuracy")} for row in rows]
+
+
+def _sgan_bench_run(label: str, train: dict, seed: int, shards: Path, manifest: Path,
+                    out: Path, keep_grid: bool) -> dict:
+    """One run of the comparison; keep_grid copies SGAN's sample grid for the README."""
+    started = time.perf_counter()
+    trained = train_stage.run(shards, manifest, out, out / "model.pt",
+                              train_stage.TrainParams.model_validate(train), device="cpu")
+    minutes = (time.perf_counter() - started) / 60
+    (out / "evaluate").mkdir(parents=True, exist_ok=True)
+    test = evaluate_stage.evaluate(out / "model.pt", shards, out / "evaluate",
+                                   out / "calibration.json", evaluate_stage.EvaluateParams())
+    if keep_grid and (out / "sgan_generated.png").exists():
+        shutil.copy(out / "sgan_generated.png", RESULTS / "sgan_melanoma_generated.png")
+    phases = " → ".join(f"{p['trainable']}×{p['epochs']}" for p in train["phases"])
+    return {"data set": "melanoma 200 labeled (+7,018 unlabeled for SGAN) → 600 test",
+            "method": label, "seed": seed, "phases (trainable×epochs)": phases,
+            "wall time": f"{minutes:.1f} min", "minutes": minutes,
+            "val macro-F1": round(trained["val_macro_f1"], 4),
+            "test accuracy": f"{test['accuracy']:.1%}", "accuracy": test["accuracy"],
+            "test macro-F1": round(test["macro_f1"], 3),
+            "published": "~50% SGAN" if label == "SGAN" else "~75% supervised"}
 
 
 def _melanoma_shards(scratch: Path) -> tuple[Path, Path]:
@@ -218,13 +241,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=[*BENCHES, "sgan"],
                         choices=[*BENCHES, "sgan"])
     parser.add_argument("--epochs", type=int, help="override the GAN epochs (quick runs)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2],
+                        help="seeds of the sgan comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     RESULTS.mkdir(exist_ok=True)
     for name in args.only:
         with tempfile.TemporaryDirectory(prefix=f"cellpipe-gan-{name}-") as scratch:
-            rows = (run_sgan(Path(scratch)) if name == "sgan"
+            rows = (run_sgan(Path(scratch), args.seeds) if name == "sgan"
                     else run_bench(name, BENCHES[name], Path(scratch), args.epochs))
         table = pd.DataFrame(rows).to_markdown(index=False)
         (RESULTS / f"gan_{name}.md").write_text(table + "\n")
