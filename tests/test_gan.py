@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cellpipe.engine.loop import Device
 from cellpipe.gan import fit as gan_fit
@@ -112,6 +113,20 @@ def test_conditional_samples_come_out_with_the_labels_asked_for(
     assert blue[2] > blue[0] + 60, f"label 1 should be blue, got mean RGB {blue}"
     assert (tmp_path / "samples" / "epoch_0008.png").stat().st_size > 0
     assert {"fid", "kid", "precision", "recall"} <= set(result.quality)
+
+
+def test_the_sample_grid_has_a_row_per_learned_class_only(tmp_path: Path,
+                                                         features: FeatureSpace) -> None:
+    """A GAN asked for class 1 of 3 draws one row, not rows of classes it never saw."""
+    only_blue = _two_colours(64, 0)
+    blue = only_blue.labels == 1
+    train = GanData(only_blue.images[blue], only_blue.labels[blue])
+    params = _small_params(epochs=1, sample_every=1, evaluate_every=1)
+    fit_gan(train, train, 3, params, CPU, out=tmp_path, checkpoint=tmp_path / "state.pt",
+            fingerprint="f", features=features)
+    grid = np.asarray(Image.open(tmp_path / "samples" / "epoch_0001.png"))
+    side = params.resolution + 2  # make_grid pads 2 pixels around each image
+    assert grid.shape[:2] == (side + 2, 8 * side + 2)
 
 
 def test_a_killed_gan_run_resumes_to_the_same_weights(tmp_path: Path, features: FeatureSpace,

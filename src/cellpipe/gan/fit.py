@@ -133,7 +133,8 @@ def fit_gan(train: GanData, val: GanData, num_classes: int, params: GanParams, d
             optimizer.load_state_dict(state[f"optimizer_{name}"])
         restore_rng(state["rng"], batch_generator)
         log.info("GAN: resuming after epoch %d (of a killed or earlier run)", state["epoch"])
-    grid_noise = _grid_noise(num_classes, params)
+    # Rows only for the classes the GAN learns (augment.classes may pick a few).
+    grid_noise = _grid_noise(np.unique(train.labels).tolist(), params)
     while state["epoch"] < params.epochs:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
@@ -242,12 +243,12 @@ def evaluate_generator(generator: Generator, val: GanData, params: GanParams, de
     return sample_quality(real, torch.from_numpy(fake).permute(0, 3, 1, 2), features)
 
 
-def _grid_noise(num_classes: int, params: GanParams, per_class: int = 8
+def _grid_noise(classes: list[int], params: GanParams, per_class: int = 8
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed noise and labels for the sample grids: one row of ``per_class`` per class."""
     noise = torch.Generator().manual_seed(params.seed + 2)
-    z = torch.randn(per_class, params.z_dim, generator=noise).repeat(num_classes, 1)
-    return z, torch.arange(num_classes).repeat_interleave(per_class)
+    z = torch.randn(per_class, params.z_dim, generator=noise).repeat(len(classes), 1)
+    return z, torch.tensor(classes).repeat_interleave(per_class)
 
 
 @torch.no_grad()
@@ -257,7 +258,7 @@ def draw_grid(generator: Generator, grid: tuple[torch.Tensor, torch.Tensor], pat
     z, labels = grid
     generator.eval()
     images = generator(device.batch(z), device.batch(labels)).cpu()
-    per_row = int((labels == 0).sum())
+    per_row = int((labels == labels[0]).sum())
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_image(make_grid((images + 1) / 2, nrow=per_row, padding=2), tmp, format="png")
