@@ -129,3 +129,29 @@ def test_gate_rejects_synthetic_data_that_does_not_help(shards: Path, tmp_path: 
     forced = _train(shards, tmp_path / "forced", _train_params(synthetic="always"), synthetic)
     assert forced["synthetic_used"] is True
     assert forced["val_macro_f1"] == forced["val_macro_f1_with_synthetic"]
+
+
+def test_cross_validated_gate_judges_every_labelled_image(shards: Path, tmp_path: Path) -> None:
+    """With synthetic_folds the evidence is out-of-fold over train + val (90 + 30 images),
+    and the synthetic images only ever join the training folds."""
+    synthetic = tmp_path / "bad"
+    _mislabelled_synthetic(shards, synthetic)
+    out = tmp_path / "gated"
+    gated = _train(shards, out, _train_params(synthetic_folds=3), synthetic)
+    assert gated["synthetic_used"] is False and gated["synthetic_folds"] == 3
+    assert gated["cv_macro_f1_with_synthetic"] < gated["cv_macro_f1_without_synthetic"]
+    assert gated["val_macro_f1_gain_lower_bound"] < 0
+    folds = sorted(p.stem for p in (out / "checkpoints").glob("gate_fold*.pt"))
+    assert folds == [f"gate_fold{k}{arm}" for k in range(3) for arm in ("", "_synthetic")]
+    plain = _train(shards, tmp_path / "plain", _train_params(), None)
+    assert gated["val_macro_f1"] == plain["val_macro_f1"], "rejected data leaves no trace"
+
+
+def test_cross_validated_gate_needs_enough_images_per_class(shards: Path,
+                                                            tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synthetic_folds"):
+        _train_params(synthetic_folds=1)
+    synthetic = tmp_path / "bad"
+    _mislabelled_synthetic(shards, synthetic)
+    with pytest.raises(InputError, match="synthetic_folds is 50"):
+        _train(shards, tmp_path / "gated", _train_params(synthetic_folds=50), synthetic)

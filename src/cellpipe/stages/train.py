@@ -17,7 +17,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedKFold
 
 from cellpipe.contract import ModelContract
 from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
@@ -56,6 +58,17 @@ class TrainParams(FitParams):
     synthetic_confidence: float = Field(
         0.9, ge=0.5, lt=1, description="the gain's bootstrap lower bound at this one-sided "
                                        "confidence must reach synthetic_margin")
+    synthetic_folds: int = Field(
+        0, ge=0, description="0: the gate judges the gain on val; k >= 2: on out-of-fold "
+                             "predictions of a stratified k-fold over train + val (more "
+                             "images behind the decision, k times the training)")
+
+    @field_validator("synthetic_folds")
+    @classmethod
+    def _folds_are_zero_or_several(cls, folds: int) -> int:
+        if folds == 1:
+            raise ValueError("synthetic_folds is 0 (judge on val) or at least 2")
+        return folds
 
 
 @dataclass
@@ -97,8 +110,8 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     unused = [backbone]  # the first round trains the backbone built above, later ones anew
     objectives: list[SemiSupervisedGan] = []
 
-    def fit_round(images: np.ndarray, labels: np.ndarray, name: str,
-                  selection: str) -> tuple[Classifier, FitResult]:
+    def fit_round(images: np.ndarray, labels: np.ndarray, name: str, selection: str,
+                  held_out: ImageDataset = val) -> tuple[Classifier, FitResult]:
         fresh = unused.pop() if unused else build_backbone(params.backbone, params.weights)
         seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
         model = Classifier(fresh, len(contract.class_names), params.dropout)
@@ -107,8 +120,8 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
         if params.method == "sgan":  # a fresh generator for every fit
             objective = _sgan_objective(shards, contract, params)
             objectives.append(objective)
-        result = fit(model, fresh.pretrained, ImageDataset(images, labels), val, contract, params,
-                     device, checkpoint=checkpoints / f"{name}.pt",
+        result = fit(model, fresh.pretrained, ImageDataset(images, labels), held_out, contract,
+                     params, device, checkpoint=checkpoints / f"{name}.pt",
                      fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag,
                      objective=objective)
         model.load_state_dict(result.best_state)
@@ -118,8 +131,8 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     gate: dict = {}
     if synthetic is not None and params.synthetic != "never":
         model, result, train_split, gate = _data_gate(
-            open_synthetic(synthetic, meta), train_split, val_split.labels, model, result, params,
-            fit_round)
+            open_synthetic(synthetic, meta), train_split, labeled(val_split), model, result,
+            params, fit_round)
     pseudo = pd.DataFrame(columns=["round", "unlabeled_row", "label", "confidence"])
     if params.method == "pseudo_label":
         model, result, pseudo = _pseudo_label_rounds(
@@ -144,7 +157,7 @@ def _sgan_objective(shards: Path, contract: ModelContract,
     return SemiSupervisedGan(dataset, contract, params.sgan, params.batch_size)
 
 
-def _data_gate(synthetic: SplitShard, real: SplitShard, val_labels: np.ndarray,
+def _data_gate(synthetic: SplitShard, real: SplitShard, val: SplitShard,
                model: Classifier, result: FitResult, params: TrainParams, fit_round
                ) -> tuple[Classifier, FitResult, SplitShard, dict]:
     """Train again with the synthetic images added (same seed, params and epochs); keep
@@ -153,35 +166,82 @@ def _data_gate(synthetic: SplitShard, real: SplitShard, val_labels: np.ndarray,
 
     The gain is judged by its paired-bootstrap lower bound, not by its point value: on a
     40-image val split one image moves macro-F1 by several points, and a gain that
-    noise can produce is no reason to train on generated images.
+    noise can produce is no reason to train on generated images. With
+    ``synthetic_folds`` the bound comes from out-of-fold predictions over train + val
+    instead, so every labelled image is evidence (see :func:`_cross_validated_gain`).
     Returns the chosen model, its fit, the training split it used and the gate's numbers.
     """
     if len(synthetic.labels) == 0:
         return model, result, real, {"synthetic_images": 0, "synthetic_used": False}
-    combined = SplitShard(np.concatenate([real.images, synthetic.images]),
-                          np.concatenate([real.labels, synthetic.labels]),
-                          pd.concat([real.rows, synthetic.rows], ignore_index=True))
+    combined = _join(real, synthetic)
     selection = str(synthetic.rows["generator_sha256"].iloc[0])[:16]
     with_model, with_result = fit_round(combined.images, combined.labels, "synthetic", selection)
-    gain = with_result.best_score - result.best_score
-    lower_bound = macro_f1_gain_lower_bound(
-        val_labels, result.best_val_predictions, with_result.best_val_predictions,
-        confidence=params.synthetic_confidence, seed=params.seed)
-    used = params.synthetic == "always" or lower_bound >= params.synthetic_margin
+    evidence = (val.labels, result.best_val_predictions, with_result.best_val_predictions)
     gate = {"synthetic_images": int(len(synthetic.labels)),
             "val_macro_f1_without_synthetic": result.best_score,
-            "val_macro_f1_with_synthetic": with_result.best_score,
-            "val_macro_f1_gain_lower_bound": lower_bound,
-            "synthetic_margin": params.synthetic_margin,
-            "synthetic_confidence": params.synthetic_confidence, "synthetic_used": used}
-    log.info("data gate: val macro-F1 %.4f without, %.4f with %d synthetic images (gain %+.4f, "
-             "%.0f%% lower bound %+.4f, margin %.4f): synthetic images %s", result.best_score,
-             with_result.best_score, len(synthetic.labels), gain,
-             100 * params.synthetic_confidence, lower_bound, params.synthetic_margin,
-             "kept" if used else "rejected")
+            "val_macro_f1_with_synthetic": with_result.best_score}
+    if params.synthetic_folds:
+        evidence, cross_validated = _cross_validated_gain(real, val, synthetic, selection,
+                                                          params, fit_round)
+        gate.update(cross_validated)
+    lower_bound = macro_f1_gain_lower_bound(*evidence, confidence=params.synthetic_confidence,
+                                            seed=params.seed)
+    used = params.synthetic == "always" or lower_bound >= params.synthetic_margin
+    gate.update({"val_macro_f1_gain_lower_bound": lower_bound,
+                 "synthetic_margin": params.synthetic_margin,
+                 "synthetic_confidence": params.synthetic_confidence,
+                 "synthetic_folds": params.synthetic_folds, "synthetic_used": used})
+    judged_on = (f"{params.synthetic_folds}-fold out-of-fold, {len(evidence[0])} images"
+                 if params.synthetic_folds else f"val, {len(evidence[0])} images")
+    log.info("data gate: val macro-F1 %.4f without, %.4f with %d synthetic images (gain %+.4f; "
+             "%.0f%% lower bound %+.4f on %s, margin %.4f): synthetic images %s",
+             result.best_score, with_result.best_score, len(synthetic.labels),
+             with_result.best_score - result.best_score, 100 * params.synthetic_confidence,
+             lower_bound, judged_on, params.synthetic_margin, "kept" if used else "rejected")
     if used:
         return with_model, with_result, combined, gate
     return model, result, real, gate
+
+
+def _join(first: SplitShard, second: SplitShard) -> SplitShard:
+    return SplitShard(np.concatenate([first.images, second.images]),
+                      np.concatenate([first.labels, second.labels]),
+                      pd.concat([first.rows, second.rows], ignore_index=True))
+
+
+def _cross_validated_gain(real: SplitShard, val: SplitShard, synthetic: SplitShard,
+                          selection: str, params: TrainParams, fit_round
+                          ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
+    """Out-of-fold predictions without and with the synthetic images, over train + val.
+
+    A stratified k-fold over every labelled image: each fold is held out once, and
+    trains (with early stopping on it) without and with the synthetic images, which
+    only ever join the training folds. Returns (labels, predictions without, with) for
+    the bootstrap, and the out-of-fold macro-F1s.
+    """
+    pool = _join(real, val)
+    fewest = int(np.unique(pool.labels, return_counts=True)[1].min(initial=len(pool.labels)))
+    if fewest < params.synthetic_folds:
+        raise InputError(f"train.synthetic_folds is {params.synthetic_folds}, but a class has "
+                         f"only {fewest} labelled images in train + val; lower it or use 0")
+    without = np.empty_like(pool.labels, dtype=np.int64)
+    with_synthetic = np.empty_like(without)
+    folds = StratifiedKFold(params.synthetic_folds, shuffle=True, random_state=params.seed)
+    for k, (fit_rows, held_rows) in enumerate(folds.split(pool.labels, pool.labels)):
+        held_out = ImageDataset(pool.images[held_rows], pool.labels[held_rows])
+        images, labels = pool.images[fit_rows], pool.labels[fit_rows]
+        _, plain = fit_round(images, labels, f"gate_fold{k}", "", held_out)
+        _, grown = fit_round(np.concatenate([images, synthetic.images]),
+                             np.concatenate([labels, synthetic.labels]),
+                             f"gate_fold{k}_synthetic", selection, held_out)
+        without[held_rows] = plain.best_val_predictions
+        with_synthetic[held_rows] = grown.best_val_predictions
+    truth = pool.labels.astype(np.int64)
+    scores = {"cv_macro_f1_without_synthetic": float(f1_score(truth, without, average="macro",
+                                                               zero_division=0)),
+              "cv_macro_f1_with_synthetic": float(f1_score(truth, with_synthetic,
+                                                            average="macro", zero_division=0))}
+    return (truth, without, with_synthetic), scores
 
 
 def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContract,
