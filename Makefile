@@ -54,12 +54,13 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check src tests bench flows
 
-## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~40 min)
+## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~2 h 30 min on 2 cores)
 bench: venv
 	$(BIN)/python bench/ingest_blood_cells.py
 	$(BIN)/python bench/train_real.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/slides.py
+	$(BIN)/python bench/gan.py
 
 ## lock: re-resolve every dependency and rewrite requirements.lock (needs the registry)
 lock:
