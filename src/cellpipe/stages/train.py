@@ -61,7 +61,7 @@ class TrainParams(FitParams):
     synthetic_folds: int = Field(
         0, ge=0, description="0: the gate judges the gain on val; k >= 2: on out-of-fold "
                              "predictions of a stratified k-fold over train + val (more "
-                             "images behind the decision, k times the training)")
+                             "images behind the decision, k + 1 times the training)")
 
     @field_validator("synthetic_folds")
     @classmethod
