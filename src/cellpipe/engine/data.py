@@ -54,7 +54,7 @@ def build_augment(params: AugmentParams, pad_value: int = 0) -> v2.Compose:
     if params.brightness or params.contrast or params.saturation or params.hue:
         ops.append(v2.ColorJitter(params.brightness, params.contrast, params.saturation,
                                   params.hue))
-    return v2.Compose(ops)
+    return v2.Compose(ops or [v2.Identity()])  # all switched off: Compose refuses []
 
 
 class ImageDataset(Dataset):

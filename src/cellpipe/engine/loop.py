@@ -7,7 +7,7 @@ its head on cached features. The same functions serve both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +96,12 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (resume after a kill)."""
+
+
+def endless(loader: DataLoader) -> Iterator:
+    """Pass after pass over ``loader`` (each pass reshuffled, unlike itertools.cycle)."""
+    while True:
+        yield from loader
 
 
 def train_one_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

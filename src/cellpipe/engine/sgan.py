@@ -18,7 +18,6 @@ on cached features stays supervised: a generated image has no cached features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from cellpipe.contract import ModelContract
 from cellpipe.engine.data import ImageDataset, image_loader
-from cellpipe.engine.loop import Epoch, Objective, progress
+from cellpipe.engine.loop import Epoch, Objective, endless, progress
 from cellpipe.gan.nets import RESOLUTIONS, Generator
 from cellpipe.gan.quality import to_uint8
 from cellpipe.params import StageParams
@@ -102,7 +101,7 @@ class SemiSupervisedGan(Objective):
         self.mean, self.std = self.mean.to(device.torch_device), self.std.to(device.torch_device)
         unlabeled = image_loader(self.unlabeled, self.contract, batch_size=self.batch_size,
                                  shuffle=True, generator=epoch.generator)
-        labeled = _endless(epoch.batches)
+        labeled = endless(epoch.batches)
         steps = self.steps_per_epoch(epoch.model, epoch.module, epoch.batches)
         totals = {"loss": 0.0, "unsupervised": 0.0, "feature_matching": 0.0}
         bar = progress(zip(range(steps), unlabeled, strict=False), epoch.desc)
@@ -168,9 +167,3 @@ class SemiSupervisedGan(Objective):
         if state:
             self.generator.load_state_dict(state["generator"])
             self.optimizer.load_state_dict(state["optimizer"])
-
-
-def _endless(loader: DataLoader) -> Iterator:
-    """Pass after pass over ``loader`` (each pass reshuffled, unlike itertools.cycle)."""
-    while True:
-        yield from loader

@@ -1,8 +1,9 @@
 """Train stage: a transfer-learning (or from-scratch) classifier on the shards.
 
 Phases: build (registry backbone + head, model I/O contract) → fit (the one loop,
-resumable) → for ``pseudo_label``, rounds of labelling confident unlabeled images
-and refitting → save the self-describing checkpoint, history, curves, metrics.
+resumable; ``sgan`` and ``fixmatch`` plug their objective into it) → for
+``pseudo_label``, rounds of labelling confident unlabeled images and refitting →
+save the self-describing checkpoint, history, curves, metrics.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
 from cellpipe.engine.data import ImageDataset, build_augment, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
-from cellpipe.engine.loop import Device, predict
+from cellpipe.engine.fixmatch import FixMatch, FixMatchParams, TwoViews, build_strong_augment
+from cellpipe.engine.loop import Device, Objective, predict
 from cellpipe.engine.metrics import macro_f1_gain_lower_bound
 from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
 from cellpipe.engine.sgan import SemiSupervisedGan, SganParams
@@ -48,9 +50,10 @@ class TrainParams(FitParams):
     mean: list[float] | None = Field(None, description="override the weights' normalisation")
     std: list[float] | None = None
     dropout: float = Field(0.2, ge=0, lt=1)
-    method: Literal["supervised", "pseudo_label", "sgan"] = "supervised"
+    method: Literal["supervised", "pseudo_label", "sgan", "fixmatch"] = "supervised"
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
     sgan: SganParams = SganParams()
+    fixmatch: FixMatchParams = FixMatchParams()
     synthetic: Literal["gate", "always", "never"] = Field(
         "gate", description="use the augment stage's synthetic images: gate = only if they "
                             "raise val macro-F1 by synthetic_margin, with confidence")
@@ -108,7 +111,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
              list(contract.class_names))
     val = ImageDataset(val_split.images, val_split.labels)
     unused = [backbone]  # the first round trains the backbone built above, later ones anew
-    objectives: list[SemiSupervisedGan] = []
+    objectives: list[Objective] = []
 
     def fit_round(images: np.ndarray, labels: np.ndarray, name: str, selection: str,
                   held_out: ImageDataset = val) -> tuple[Classifier, FitResult]:
@@ -116,10 +119,8 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
         seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
         model = Classifier(fresh, len(contract.class_names), params.dropout)
         tag = f"{name}: " if name != "round0" else ""
-        objective = None
-        if params.method == "sgan":  # a fresh generator for every fit
-            objective = _sgan_objective(shards, contract, params)
-            objectives.append(objective)
+        objective = _objective(shards, contract, params)  # a fresh one (generator) per fit
+        objectives.append(objective)
         result = fit(model, fresh.pretrained, ImageDataset(images, labels), held_out, contract,
                      params, device, checkpoint=checkpoints / f"{name}.pt",
                      fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag,
@@ -137,7 +138,8 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     if params.method == "pseudo_label":
         model, result, pseudo = _pseudo_label_rounds(
             shards, params, contract, device, train_split, model, result, fit_round)
-    generated = objectives[-1].samples() if objectives else None
+    last = objectives[-1]
+    generated = last.samples() if isinstance(last, SemiSupervisedGan) else None
     return TrainOutcome(model, contract, result, pseudo, gate, generated)
 
 
@@ -148,13 +150,19 @@ def _unlabeled_split(shards: Path, method: str) -> SplitShard:
         raise InputError(f"method {method} needs an 'unlabeled' split: {error}") from error
 
 
-def _sgan_objective(shards: Path, contract: ModelContract,
-                    params: TrainParams) -> SemiSupervisedGan:
-    """The semi-supervised GAN's objective over the unlabelled split (augmented as train)."""
-    unlabeled = _unlabeled_split(shards, "sgan")
-    dataset = ImageDataset(unlabeled.images, np.zeros(len(unlabeled.images), np.int64),
-                           build_augment(params.augment, contract.pad_value))
-    return SemiSupervisedGan(dataset, contract, params.sgan, params.batch_size)
+def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Objective:
+    """What each epoch optimises: supervised, or a semi-supervised objective over the
+    unlabelled split (augmented as the training images are)."""
+    if params.method not in ("sgan", "fixmatch"):
+        return Objective()
+    unlabeled = _unlabeled_split(shards, params.method).images
+    augment = build_augment(params.augment, contract.pad_value)
+    if params.method == "sgan":
+        dataset = ImageDataset(unlabeled, np.zeros(len(unlabeled), np.int64), augment)
+        return SemiSupervisedGan(dataset, contract, params.sgan, params.batch_size)
+    strong = build_strong_augment(augment, params.fixmatch, contract.pad_value)
+    return FixMatch(TwoViews(unlabeled, augment, strong), contract, params.fixmatch,
+                    params.batch_size, params.label_smoothing)
 
 
 def _data_gate(synthetic: SplitShard, real: SplitShard, val: SplitShard,
