@@ -154,14 +154,17 @@ class FixMatch(Objective):
             seen += len(pseudo_labels)
             bar.set_postfix(loss=f"{step['loss']:.3f}",
                             labelled=f"{counts.sum().item() / len(pseudo_labels):.2f}")
-        # Which classes the labels go to shows a drift towards one class early.
+        self._report(epoch.desc, per_class, seen, totals["consistency"] / max(steps, 1))
+        return totals["loss"] / max(steps, 1)
+
+    def _report(self, desc: str, per_class: np.ndarray, seen: int, consistency: float) -> None:
+        """Log how many unlabelled views got a label, and of which class: a drift of the
+        labels towards one class shows here first."""
         log.info("%s: %.0f%% of unlabelled views above the %.2f threshold (per class %s), "
-                 "consistency loss %.4f", epoch.desc, 100 * per_class.sum() / max(seen, 1),
+                 "consistency loss %.4f", desc, 100 * per_class.sum() / max(seen, 1),
                  self.params.threshold,
                  dict(zip(self.contract.class_names, per_class.astype(int).tolist(),
-                          strict=True)),
-                 totals["consistency"] / max(steps, 1))
-        return totals["loss"] / max(steps, 1)
+                          strict=True)), consistency)
 
     def _step(self, epoch: Epoch, images: torch.Tensor, labels: torch.Tensor,
               weak: torch.Tensor, strong: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
