@@ -239,7 +239,7 @@ def main() -> None:
                                         seed)
                     for seed in args.seeds or [None]
                     for i, run in enumerate(experiment.runs)]
-            table = _with_means(rows).to_markdown(index=False)
+            table = _with_means(rows).to_markdown(index=False, disable_numparse=True)
             (RESULTS / f"{name}.md").write_text(table + "\n")
             print(table, flush=True)
 
