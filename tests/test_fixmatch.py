@@ -66,6 +66,43 @@ def test_consistency_loss_by_hand() -> None:
     assert nothing.item() == 0 and no_labels.tolist() == [-1, -1]
 
 
+
+def test_distribution_alignment_by_hand() -> None:
+    # p(weak) = (0.9, 0.1) is confident on class 0 alone. If the model has been putting
+    # 0.9 of its mass on class 0 across unlabelled images, alignment towards uniform
+    # scales by (0.5/0.9, 0.5/0.1): (0.5, 0.5) after renormalising, no longer a label.
+    weak = torch.log(torch.tensor([[0.9, 0.1]]))
+    strong = torch.zeros(1, 2)
+    _, unaligned = consistency_loss(weak, strong, threshold=0.85)
+    assert unaligned.tolist() == [0]
+    alignment = torch.tensor([0.5 / 0.9, 0.5 / 0.1])
+    _, aligned = consistency_loss(weak, strong, threshold=0.85, alignment=alignment)
+    assert aligned.tolist() == [-1]
+
+
+def test_distribution_alignment_tracks_the_running_mean_of_predictions(shards: Path) -> None:
+    from cellpipe.data.shards import read_meta
+    from cellpipe.nets.registry import build_backbone
+    from cellpipe.stages.train import make_contract
+
+    contract = make_contract(read_meta(shards), build_backbone("smallcnn", "none"), _params())
+    images = np.zeros((12, 16, 16, 3), np.uint8)
+    identity = build_augment(AugmentParams(flips=False, rotate90=False, affine_degrees=0,
+                                           affine_translate=0, affine_scale=0, brightness=0,
+                                           contrast=0, saturation=0, hue=0))
+    params = FixMatchParams(distribution_alignment=True, alignment_momentum=0.5)
+    objective = FixMatch(TwoViews(images, identity, identity), contract, params, batch_size=4)
+    assert objective._alignment(torch.zeros(4, 3)).tolist() == pytest.approx([1, 1, 1])
+    leaning = torch.log(torch.tensor([[0.7, 0.2, 0.1]] * 4))
+    alignment = objective._alignment(leaning)  # running mean: (1/3 + p) / 2
+    expected = (1 / 3) / ((torch.tensor([0.7, 0.2, 0.1]) + 1 / 3) / 2)
+    assert alignment.tolist() == pytest.approx(expected.tolist())
+    resumed = FixMatch(TwoViews(images, identity, identity), contract, params, batch_size=4)
+    resumed.load_state_dict(objective.state_dict())
+    assert torch.equal(resumed.running_mean, objective.running_mean)
+    off = FixMatch(TwoViews(images, identity, identity), contract, FixMatchParams(), 4)
+    assert off._alignment(leaning) is None
+
 def test_two_views_are_uint8_images_and_the_strong_one_differs_more() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

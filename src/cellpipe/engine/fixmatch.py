@@ -54,13 +54,27 @@ class FixMatchParams(StageParams):
     strong_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (of 31)")
     erase_probability: float = Field(0.5, ge=0, le=1,
                                      description="chance of a random erasing (cutout)")
+    distribution_alignment: bool = Field(
+        False, description="scale weak-view probabilities by the class balance the loop "
+                           "trains towards over their running mean (ReMixMatch)")
+    alignment_momentum: float = Field(0.99, ge=0, lt=1,
+                                      description="per step, of that running mean")
 
 
 def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
-                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     threshold: float, alignment: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unlabelled loss, averaged over all unlabelled images (unconfident ones count
-    0), and each image's label: the weak view's class, or -1 below ``threshold``."""
-    confidence, pseudo_labels = torch.softmax(weak_logits.detach(), dim=1).max(dim=1)
+    0), and each image's label: the weak view's class, or -1 below ``threshold``.
+
+    ``alignment`` (per class) rescales the weak-view probabilities before they are
+    judged, renormalised: distribution alignment.
+    """
+    probabilities = torch.softmax(weak_logits.detach(), dim=1)
+    if alignment is not None:
+        probabilities = probabilities * alignment
+        probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
+    confidence, pseudo_labels = probabilities.max(dim=1)
     mask = confidence >= threshold
     per_image = F.cross_entropy(strong_logits, pseudo_labels, reduction="none")
     return (per_image * mask).mean(), torch.where(mask, pseudo_labels, -1)
@@ -115,6 +129,9 @@ class FixMatch(Objective):
         # Label smoothing ε trains the true class towards 1 − ε(K − 1)/K, not 1: a
         # threshold at or above that is seldom reached and the unlabelled images go unused.
         classes = len(contract.class_names)
+        # Distribution alignment's target: the class-balanced batches (or loss weights)
+        # of the loop make every class equally likely to the model.
+        self.running_mean = torch.full((classes,), 1 / classes)
         ceiling = 1 - label_smoothing * (classes - 1) / classes
         if params.threshold >= ceiling:
             log.warning("fixmatch threshold %.3f is at or above %.3f, the confidence label "
@@ -157,6 +174,24 @@ class FixMatch(Objective):
         self._report(epoch.desc, per_class, seen, totals["consistency"] / max(steps, 1))
         return totals["loss"] / max(steps, 1)
 
+    def _alignment(self, weak_logits: torch.Tensor) -> torch.Tensor | None:
+        """Uniform over the running mean of the weak-view predictions (updated here), so
+        a class the model over-predicts on unlabelled images is labelled less readily."""
+        if not self.params.distribution_alignment:
+            return None
+        batch_mean = torch.softmax(weak_logits.detach(), dim=1).mean(dim=0).cpu()
+        momentum = self.params.alignment_momentum
+        self.running_mean = momentum * self.running_mean + (1 - momentum) * batch_mean
+        uniform = torch.full_like(self.running_mean, 1 / len(self.running_mean))
+        return (uniform / self.running_mean.clamp_min(1e-6)).to(weak_logits.device)
+
+    def state_dict(self) -> dict:
+        return {"running_mean": self.running_mean.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.running_mean = state["running_mean"].clone()
+
     def _report(self, desc: str, per_class: np.ndarray, seen: int, consistency: float) -> None:
         """Log how many unlabelled views got a label, and of which class: a drift of the
         labels towards one class shows here first."""
@@ -175,7 +210,8 @@ class FixMatch(Objective):
         labeled_logits, weak_logits, strong_logits = logits.split(
             [len(images), len(weak), len(strong)])
         consistency, pseudo_labels = consistency_loss(weak_logits, strong_logits,
-                                                      self.params.threshold)
+                                                      self.params.threshold,
+                                                      self._alignment(weak_logits))
         loss = epoch.loss_fn(labeled_logits, labels) + self.params.unlabeled_weight * consistency
         epoch.optimizer.zero_grad(set_to_none=True)
         loss.backward()
