@@ -117,3 +117,40 @@ def write_shards(root: Path, classes: Sequence[str], per_split: dict[str, int],
             "counts": counts}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
+
+
+def train_uninterrupted_and_killed(objective: type, shards: Path, manifest: Path, root: Path,
+                                   params, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Run the train stage twice: to the end into root/uninterrupted, and into root/killed
+    with a KeyboardInterrupt in ``objective``'s third epoch. Returns (killed, uninterrupted);
+    the caller inspects the killed run's checkpoint, then resumes it."""
+    from cellpipe.stages import train as train_stage
+
+    uninterrupted, killed = root / "uninterrupted", root / "killed"
+    train_stage.run(shards, manifest, uninterrupted, uninterrupted / "model.pt", params,
+                    device="cpu")
+    calls = {"epochs": 0}
+    original = objective.train_epoch
+
+    def crash_in_epoch_three(self, epoch):
+        calls["epochs"] += 1
+        if calls["epochs"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(objective, "train_epoch", crash_in_epoch_three)
+        with pytest.raises(KeyboardInterrupt):
+            train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
+    return killed, uninterrupted
+
+
+def assert_same_classifier(a: Path, b: Path) -> None:
+    """The two runs' saved classifiers have bit-identical weights."""
+    import torch
+
+    from cellpipe.engine.checkpoint import load_model
+
+    first, second = (load_model(path / "model.pt").classifier.state_dict() for path in (a, b))
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"{key} differs after resume"

@@ -24,7 +24,7 @@ from cellpipe.errors import InputError
 from cellpipe.stages import evaluate as evaluate_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.train import TrainParams
-from conftest import write_shards
+from conftest import assert_same_classifier, train_uninterrupted_and_killed, write_shards
 
 CLASSES = ("red", "green", "blue")
 
@@ -150,29 +150,11 @@ def test_fixmatch_labels_unlabelled_images_and_trains_a_classifier_evaluate_read
 def test_fixmatch_resumes_after_a_kill_to_the_same_weights(
         shards: Path, manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = _params()
-    uninterrupted = tmp_path / "b"
-    train_stage.run(shards, manifest, uninterrupted, uninterrupted / "model.pt", params,
-                    device="cpu")
-    calls = {"epochs": 0}
-    original = FixMatch.train_epoch
-
-    def crash_in_epoch_three(self, epoch):
-        calls["epochs"] += 1
-        if calls["epochs"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    killed = tmp_path / "a"
-    with monkeypatch.context() as patch:
-        patch.setattr(FixMatch, "train_epoch", crash_in_epoch_three)
-        with pytest.raises(KeyboardInterrupt):
-            train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
+    killed, uninterrupted = train_uninterrupted_and_killed(FixMatch, shards, manifest,
+                                                           tmp_path, params, monkeypatch)
     assert torch.load(killed / "checkpoints" / "round0.pt", weights_only=False)["epoch"] == 2
     train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
-    a, b = (load_model(path / "model.pt").classifier.state_dict() for path in (killed,
-                                                                              uninterrupted))
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert_same_classifier(killed, uninterrupted)
 
 
 def test_fixmatch_errors_name_what_is_missing(tmp_path: Path, manifest: Path) -> None:

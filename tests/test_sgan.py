@@ -16,7 +16,7 @@ from cellpipe.gan.nets import Generator
 from cellpipe.stages import evaluate as evaluate_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.train import TrainParams
-from conftest import write_shards
+from conftest import assert_same_classifier, train_uninterrupted_and_killed, write_shards
 
 CLASSES = ("red", "green", "blue")
 
@@ -76,23 +76,8 @@ def test_sgan_trains_a_k_class_classifier_that_evaluate_reads(shards: Path, mani
 def test_sgan_generator_trains_and_resumes_with_the_classifier(
         shards: Path, manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = _params()
-    uninterrupted = tmp_path / "b"
-    train_stage.run(shards, manifest, uninterrupted, uninterrupted / "model.pt", params,
-                    device="cpu")
-    calls = {"epochs": 0}
-    original = SemiSupervisedGan.train_epoch
-
-    def crash_in_epoch_three(self, epoch):
-        calls["epochs"] += 1
-        if calls["epochs"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    killed = tmp_path / "a"
-    with monkeypatch.context() as patch:
-        patch.setattr(SemiSupervisedGan, "train_epoch", crash_in_epoch_three)
-        with pytest.raises(KeyboardInterrupt):
-            train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
+    killed, uninterrupted = train_uninterrupted_and_killed(SemiSupervisedGan, shards, manifest,
+                                                           tmp_path, params, monkeypatch)
     saved = torch.load(killed / "checkpoints" / "round0.pt", weights_only=False)
     assert saved["epoch"] == 2
     torch.manual_seed(params.sgan.seed)  # how the objective builds its generator
@@ -101,10 +86,7 @@ def test_sgan_generator_trains_and_resumes_with_the_classifier(
     assert not torch.equal(trained["project.weight"], initial["project.weight"]), \
         "the generator trains, and its weights are checkpointed"
     train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
-    a, b = (load_model(path / "model.pt").classifier.state_dict() for path in (killed,
-                                                                              uninterrupted))
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert_same_classifier(killed, uninterrupted)
 
 
 def test_sgan_without_an_unlabeled_split_says_so(tmp_path: Path, manifest: Path) -> None:
