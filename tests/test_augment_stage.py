@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellpipe.data.shards import open_split, read_meta
@@ -82,8 +83,45 @@ def test_disabled_augment_writes_an_empty_set_that_training_accepts(
     metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", AugmentParams(),
                                 device="cpu")
     assert metrics == {"enabled": False, "synthetic_images": 0}
+    assert pd.read_csv(tmp_path / "out" / "pseudo_labels.csv").empty
     trained = _train(shards, tmp_path / "train", _train_params(), tmp_path / "out" / "synthetic")
     assert trained["synthetic_images"] == 0 and trained["synthetic_used"] is False
+
+
+def test_gan_learns_also_from_confident_pseudo_labelled_unlabeled_images(
+        tmp_path: Path) -> None:
+    """The probe labels the unlabeled split (its hidden truth: 20 of each class, in
+    class order); only labels above the threshold and within the cap join the pool."""
+    shards = write_shards(tmp_path / "shards", CLASSES,
+                          {"train": 30, "val": 10, "test": 10, "unlabeled": 20})
+    params = AugmentParams.model_validate(
+        {"enabled": True, "count": 4, "gan": TINY_GAN,
+         "unlabeled": {"enabled": True, "threshold": 0.6, "max_per_class": 15,
+                       "max_class_ratio": 10}})
+    metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")
+    chosen = pd.read_csv(tmp_path / "out" / "pseudo_labels.csv")
+    assert len(chosen) == metrics["pseudo_labelled_images"] > 0
+    assert (chosen["confidence"] >= 0.6).all()
+    assert chosen["label"].value_counts().max() <= 15
+    truth = [CLASSES[row // 20] for row in chosen["unlabeled_row"]]
+    assert chosen["label"].tolist() == truth, "colour squares are easy: every label right"
+    assert metrics["probe_val_accuracy"] == 1.0
+    assert metrics["gan_train_images"] == 90 + len(chosen)
+    assert metrics["pseudo_labelled_per_class"] == chosen["label"].value_counts().reindex(
+        list(CLASSES), fill_value=0).to_dict()
+    provenance = read_meta(tmp_path / "out" / "synthetic")["synthetic"]
+    assert provenance["gan_pseudo_labelled_images"] == len(chosen)
+    only_green = augment_stage.run(
+        shards, tmp_path / "green", tmp_path / "gan_green",
+        params.model_copy(update={"classes": ["green"]}), device="cpu")
+    assert only_green["gan_train_images"] == 30 + only_green["pseudo_labelled_per_class"]["green"]
+
+
+def test_pseudo_labelled_gan_pool_needs_an_unlabeled_split(shards: Path, tmp_path: Path) -> None:
+    params = AugmentParams.model_validate(
+        {"enabled": True, "count": 2, "gan": TINY_GAN, "unlabeled": {"enabled": True}})
+    with pytest.raises(InputError, match="augment.unlabeled.enabled needs an 'unlabeled' split"):
+        augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")
 
 
 def test_synthetic_folder_with_a_val_split_is_refused(shards: Path, tmp_path: Path) -> None:

@@ -15,14 +15,21 @@ from pydantic import Field
 from cellpipe.params import StageParams
 
 
-class PseudoLabelParams(StageParams):
-    rounds: int = Field(2, ge=1)
+class PseudoLabelSelection(StageParams):
+    """Which confident predictions become labels: threshold and the two caps."""
+
     threshold: float = Field(0.9, gt=0, le=1)
     max_per_class: int = Field(1000, ge=1)
     max_class_ratio: float = Field(1.5, ge=1)
 
 
-def select_pseudo_labels(probabilities: np.ndarray, params: PseudoLabelParams
+class PseudoLabelParams(PseudoLabelSelection):
+    """The ``train.pseudo_label:`` section: the selection, repeated for ``rounds``."""
+
+    rounds: int = Field(2, ge=1)
+
+
+def select_pseudo_labels(probabilities: np.ndarray, params: PseudoLabelSelection
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ascending) of the chosen unlabeled rows and their labels."""
     confidence = probabilities.max(axis=1)

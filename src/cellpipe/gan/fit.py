@@ -74,6 +74,11 @@ class GanData:
     images: np.ndarray
     labels: np.ndarray
 
+    def only(self, classes: list[int]) -> GanData:
+        """The images of these classes."""
+        keep = np.isin(self.labels, classes)
+        return GanData(self.images[keep], self.labels[keep])
+
 
 @dataclass
 class GanResult:
@@ -97,7 +102,8 @@ def build_networks(num_classes: int, params: GanParams) -> tuple[Generator, Disc
 
 def to_gan_tensor(images: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 N×H×W×3 → float N×3×R×R in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # A copy: shards are read-only memory maps, which torch warns about.
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                           align_corners=False)

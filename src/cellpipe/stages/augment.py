@@ -8,6 +8,10 @@ generator's sha256, the sample seed and index). The stage's metrics are the
 sample quality against the val split (FID, KID, precision, recall, density,
 coverage). Whether training uses the images is the train stage's data gate.
 
+With ``augment.unlabeled.enabled`` the GAN also learns from the ``unlabeled`` split,
+labelled by a linear probe (gan/pool.py); ``pseudo_labels.csv`` lists the images
+it took, and the metrics give the probe's val accuracy.
+
 With ``augment.enabled: false`` the stage writes an empty synthetic folder and a
 card that says so, so the pipeline's shape does not depend on the switch.
 """
@@ -32,6 +36,8 @@ from cellpipe.engine.loop import Device
 from cellpipe.errors import InputError
 from cellpipe.fsutil import write_json
 from cellpipe.gan.fit import GanData, GanParams, fit_gan, generate
+from cellpipe.gan.pool import PSEUDO_LABEL_COLUMNS, UnlabeledPoolParams, pseudo_labelled_pool
+from cellpipe.gan.quality import FeatureSpace
 from cellpipe.params import StageParams
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ class AugmentParams(StageParams):
     count: Literal["balance"] | int = Field(
         "balance", description="images per class, or 'balance': up to the largest class")
     sample_seed: int = 7
+    unlabeled: UnlabeledPoolParams = UnlabeledPoolParams()
     gan: GanParams = GanParams()
 
 
@@ -74,23 +81,32 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
     meta = read_meta(shards)
     out.mkdir(parents=True, exist_ok=True)
     model_dir.mkdir(parents=True, exist_ok=True)
-    train, val = labeled(open_split(shards, "train")), labeled(open_split(shards, "val"))
+    train, val = (_gan_data(labeled(open_split(shards, split))) for split in ("train", "val"))
     counts = synthetic_counts(train.labels, meta["classes"], params) if params.enabled else {}
     if not counts:
         reason = ("augment.enabled is false" if not params.enabled
                   else "the chosen classes need no images (augment.count)")
         return _nothing_to_make(out, model_dir, meta, reason)
+    features = FeatureSpace()
+    pool, pseudo, pool_metrics = train, pd.DataFrame(columns=PSEUDO_LABEL_COLUMNS), {}
+    if params.unlabeled.enabled:
+        pool, pseudo, pool_metrics = pseudo_labelled_pool(
+            train, _unlabeled_images(shards), val, meta["classes"], params.unlabeled, features)
+    pseudo.to_csv(out / "pseudo_labels.csv", index=False)
     # The GAN learns only the classes it is asked for: cheaper, and on CPU that matters.
     if params.classes:
-        train, val = _only(train, list(counts)), _only(val, list(counts))
+        pool, val = pool.only(list(counts)), val.only(list(counts))
     if len(val.labels) == 0:
         raise InputError("the GAN's sample quality is measured on val, which has no image "
                          f"of the classes to synthesise {params.classes}")
-    result = fit_gan(GanData(train.images, train.labels), GanData(val.images, val.labels),
-                     len(meta["classes"]), params.gan, Device.pick(device), out=out,
+    unlabeled_rows = shards / "unlabeled" / "rows.parquet"
+    result = fit_gan(pool, val, len(meta["classes"]), params.gan, Device.pick(device), out=out,
                      checkpoint=out / "checkpoints" / "gan.pt",
-                     fingerprint=run_fingerprint(params.gan, read_meta(shards),
-                                                 shards / "train" / "rows.parquet"))
+                     fingerprint=run_fingerprint(
+                         params.gan, read_meta(shards), shards / "train" / "rows.parquet",
+                         *([params.unlabeled.model_dump(), unlabeled_rows]
+                           if params.unlabeled.enabled else [])),
+                     features=features)
     generator_path = model_dir / "generator.pt"
     save_reproducibly(generator_path, {
         "format": GENERATOR_FORMAT, "classes": meta["classes"],
@@ -105,13 +121,15 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
                        for s in samples])
     write_synthetic(out / "synthetic", meta, images, labels,
                     provenance={"enabled": True, "generator_sha256": generator_sha,
-                                "sample_seed": params.sample_seed})
+                                "sample_seed": params.sample_seed,
+                                "gan_pseudo_labelled_images": len(pseudo)})
     history = pd.DataFrame.from_records(result.history).drop(columns="seconds")
     history.to_csv(out / "history.csv", index=False)
     metrics = {"enabled": True, "loss": params.gan.loss, "resolution": params.gan.resolution,
                "epochs": params.gan.epochs, "generator_sha256": generator_sha,
                "synthetic_images": int(len(labels)),
                "synthetic_per_class": {meta["classes"][k]: n for k, n in sorted(counts.items())},
+               "gan_train_images": int(len(pool.labels)), **pool_metrics,
                **{k: v for k, v in result.quality.items()
                   if k not in ("d_loss", "g_loss", "gp")}}
     write_json(out / "metrics.json", metrics)
@@ -123,9 +141,16 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
     return metrics
 
 
-def _only(split: SplitShard, classes: list[int]) -> SplitShard:
-    keep = np.isin(split.labels, classes)
-    return SplitShard(split.images[keep], split.labels[keep], split.rows[keep])
+def _gan_data(split: SplitShard) -> GanData:
+    return GanData(split.images, split.labels)
+
+
+def _unlabeled_images(shards: Path) -> np.ndarray:
+    try:
+        return open_split(shards, "unlabeled").images
+    except InputError as error:
+        raise InputError(f"augment.unlabeled.enabled needs an 'unlabeled' split: {error}"
+                         ) from error
 
 
 def _nothing_to_make(out: Path, model_dir: Path, meta: dict, reason: str) -> dict:
@@ -138,6 +163,7 @@ def _nothing_to_make(out: Path, model_dir: Path, meta: dict, reason: str) -> dic
     (out / "samples").mkdir(exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     pd.DataFrame(columns=["epoch", "d_loss", "g_loss"]).to_csv(out / "history.csv", index=False)
+    pd.DataFrame(columns=PSEUDO_LABEL_COLUMNS).to_csv(out / "pseudo_labels.csv", index=False)
     metrics = {"enabled": False, "synthetic_images": 0}
     write_json(out / "metrics.json", metrics)
     log.info("%s: no GAN trained, no synthetic images", reason)
