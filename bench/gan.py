@@ -6,11 +6,14 @@ space) and wall time, then runs the train stage's data gate with each GAN's
 synthetic images: val macro-F1 without and with them, and whether they were kept.
 Sample grids are copied to bench/results/ for the README.
 
-    python bench/gan.py [--only melanoma bccd_wbc sgan] [--epochs N] [--seeds 42 1 2]
+    python bench/gan.py [--only melanoma melanoma_pseudo bccd_wbc sgan] [--epochs N]
+                         [--seeds 42 1 2]
 
 melanoma: the shared 200-labeled set at 32 px, 1,500 GAN epochs (classifier at 64 px,
-as in train_real.py). bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px,
-100 epochs (a 64 px step costs ~4x a 32 px one on a CPU).
+as in train_real.py). melanoma_pseudo: the DCGAN again, its pool grown with the
+unlabelled images a linear probe labels confidently (augment.unlabeled), 200 epochs.
+bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px, 100 epochs (a 64 px
+step costs ~4x a 32 px one on a CPU).
 sgan: the semi-supervised GAN (train.method: sgan) against the supervised run
 on the 600 melanoma test images, both through the train and evaluate stages.
 """
@@ -59,8 +62,9 @@ GANS = {
 class GanBench:
     resolution: int
     epochs: int
-    augment: dict   # classes and count
+    augment: dict   # classes, count and the GAN's pool (augment.unlabeled)
     train: dict     # the classifier run the gate compares
+    gans: tuple[str, ...] = tuple(GANS)
 
 
 BENCHES = {
@@ -73,6 +77,13 @@ BENCHES = {
                           "synthetic_folds": 5}),
     "bccd_wbc": GanBench(64, 100, {"classes": ["WBC"], "count": 500}, {}),
 }
+# The DCGAN again, learning also from the unlabelled images a linear probe labels
+# (~3,400 of 7,018 pass the caps, so 200 epochs are ~11,000 generator steps).
+BENCHES["melanoma_pseudo"] = GanBench(
+    32, 200, {**BENCHES["melanoma"].augment,
+              "unlabeled": {"enabled": True, "threshold": 0.9, "max_per_class": 3000,
+                            "max_class_ratio": 1.5}},
+    BENCHES["melanoma"].train, gans=("DCGAN-BCE",))
 
 
 # The supervised melanoma run of train_real.py; SGAN continues its head phase
@@ -165,11 +176,11 @@ def _train_params(bench: GanBench, synthetic: str) -> train_stage.TrainParams:
 
 
 def run_bench(name: str, bench: GanBench, scratch: Path, epochs: int | None) -> list[dict]:
-    prepare = _melanoma_shards if name == "melanoma" else _bccd_shards
+    prepare = _melanoma_shards if name.startswith("melanoma") else _bccd_shards
     manifest, shards = prepare(scratch)
     rows = [_real_reference(name, bench, shards)]
-    for label, gan in GANS.items():
-        out = scratch / label.split()[0]
+    for label in bench.gans:
+        gan, out = GANS[label], scratch / label.split()[0]
         params = augment_stage.AugmentParams.model_validate({
             "enabled": True, **bench.augment,
             "gan": {**gan, "resolution": bench.resolution, "epochs": epochs or bench.epochs,
@@ -189,6 +200,10 @@ def run_bench(name: str, bench: GanBench, scratch: Path, epochs: int | None) -> 
         rows.append({
             "data set": name, "GAN": label, "size": f"{bench.resolution} px",
             "epochs": params.gan.epochs, "GAN wall time": f"{gan_s / 60:.1f} min",
+            "GAN train images": quality["gan_train_images"],
+            "pseudo-labelled": quality.get("pseudo_labelled_images", 0),
+            "probe val accuracy": (f"{quality['probe_val_accuracy']:.1%}"
+                                   if "probe_val_accuracy" in quality else ""),
             "FID": round(quality["fid"], 1),
             "KID": f"{quality['kid']:.4f} ± {quality['kid_std']:.4f}",
             "precision": round(quality["precision"], 3), "recall": round(quality["recall"], 3),
@@ -248,7 +263,8 @@ def _real_reference(name: str, bench: GanBench, shards: Path) -> dict:
     train = train[torch.randperm(len(train), generator=generator)[:len(val)]]
     quality = sample_quality(val, train, FeatureSpace())
     return {"data set": name, "GAN": "(real train images)", "size": f"{bench.resolution} px",
-            "epochs": "", "GAN wall time": "", "FID": round(quality["fid"], 1),
+            "epochs": "", "GAN wall time": "", "GAN train images": "", "pseudo-labelled": "",
+            "probe val accuracy": "", "FID": round(quality["fid"], 1),
             "KID": f"{quality['kid']:.4f} ± {quality['kid_std']:.4f}",
             "precision": round(quality["precision"], 3), "recall": round(quality["recall"], 3),
             "synthetic": "", "val macro-F1 without": "", "val macro-F1 with": "",
