@@ -109,6 +109,7 @@ def test_gan_learns_also_from_confident_pseudo_labelled_unlabeled_images(
     assert metrics["gan_train_images"] == 90 + len(chosen)
     assert metrics["pseudo_labelled_per_class"] == chosen["label"].value_counts().reindex(
         list(CLASSES), fill_value=0).to_dict()
+    assert metrics["probe_predicted_per_class"] == dict.fromkeys(CLASSES, 20)
     provenance = read_meta(tmp_path / "out" / "synthetic")["synthetic"]
     assert provenance["gan_pseudo_labelled_images"] == len(chosen)
     only_green = augment_stage.run(

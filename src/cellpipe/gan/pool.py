@@ -71,10 +71,11 @@ def pseudo_labelled_pool(train: GanData, unlabeled: np.ndarray, val: GanData,
     chosen = pd.DataFrame({"unlabeled_row": rows, "label": [class_names[k] for k in labels],
                            "confidence": probabilities[rows].max(axis=1)},
                           columns=PSEUDO_LABEL_COLUMNS)
-    counts = np.bincount(labels, minlength=len(class_names))
+    # Before the threshold and caps: how the probe splits the whole unlabeled set.
+    predicted = probe.classes_[probabilities.argmax(axis=1)]
     metrics = {"pseudo_labelled_images": int(len(rows)),
-               "pseudo_labelled_per_class": {name: int(n) for name, n
-                                             in zip(class_names, counts, strict=True)}}
+               "pseudo_labelled_per_class": _per_class(labels, class_names),
+               "probe_predicted_per_class": _per_class(predicted, class_names)}
     if val_predicted is not None:
         metrics.update(probe_val_accuracy=float(accuracy_score(val.labels, val_predicted)),
                        probe_val_macro_f1=float(f1_score(val.labels, val_predicted,
@@ -86,3 +87,8 @@ def pseudo_labelled_pool(train: GanData, unlabeled: np.ndarray, val: GanData,
     pool = GanData(np.concatenate([train.images, unlabeled[rows]]),
                    np.concatenate([train.labels, labels]))
     return pool, chosen, metrics
+
+
+def _per_class(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels.astype(np.int64), minlength=len(class_names))
+    return {name: int(n) for name, n in zip(class_names, counts, strict=True)}
