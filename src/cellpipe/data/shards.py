@@ -42,12 +42,15 @@ def read_meta(shards: Path) -> dict:
     return meta
 
 
-def open_split(shards: Path, split: str) -> SplitShard:
-    """Memory-map one split; raises InputError naming the splits that exist."""
+def open_split(shards: Path, split: str, *, needed_by: str | None = None) -> SplitShard:
+    """Memory-map one split; raises InputError naming the splits that exist (and, with
+    ``needed_by``, what asked for the missing one)."""
     folder = shards / split
     if not folder.is_dir():
         existing = sorted(p.name for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
-        raise InputError(f"no split '{split}' in {shards} (splits: {existing})")
+        missing = f"no split '{split}' in {shards} (splits: {existing})"
+        raise InputError(f"{needed_by} needs an '{split}' split: {missing}" if needed_by
+                         else missing)
     return SplitShard(
         images=np.load(folder / "images.npy", mmap_mode="r"),
         labels=np.load(folder / "labels.npy"),

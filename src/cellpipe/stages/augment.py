@@ -90,8 +90,9 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
     features = FeatureSpace()
     pool, pseudo, pool_metrics = train, pd.DataFrame(columns=PSEUDO_LABEL_COLUMNS), {}
     if params.unlabeled.enabled:
+        unlabeled = open_split(shards, "unlabeled", needed_by="augment.unlabeled.enabled")
         pool, pseudo, pool_metrics = pseudo_labelled_pool(
-            train, _unlabeled_images(shards), val, meta["classes"], params.unlabeled, features)
+            train, unlabeled.images, val, meta["classes"], params.unlabeled, features)
     pseudo.to_csv(out / "pseudo_labels.csv", index=False)
     # The GAN learns only the classes it is asked for: cheaper, and on CPU that matters.
     if params.classes:
@@ -99,14 +100,13 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
     if len(val.labels) == 0:
         raise InputError("the GAN's sample quality is measured on val, which has no image "
                          f"of the classes to synthesise {params.classes}")
-    unlabeled_rows = shards / "unlabeled" / "rows.parquet"
+    # What the GAN learns from: a checkpoint made from another pool must not be resumed.
+    pool_inputs: list[Path | dict] = [read_meta(shards), shards / "train" / "rows.parquet"]
+    if params.unlabeled.enabled:
+        pool_inputs += [params.unlabeled.model_dump(), shards / "unlabeled" / "rows.parquet"]
     result = fit_gan(pool, val, len(meta["classes"]), params.gan, Device.pick(device), out=out,
                      checkpoint=out / "checkpoints" / "gan.pt",
-                     fingerprint=run_fingerprint(
-                         params.gan, read_meta(shards), shards / "train" / "rows.parquet",
-                         *([params.unlabeled.model_dump(), unlabeled_rows]
-                           if params.unlabeled.enabled else [])),
-                     features=features)
+                     fingerprint=run_fingerprint(params.gan, *pool_inputs), features=features)
     generator_path = model_dir / "generator.pt"
     save_reproducibly(generator_path, {
         "format": GENERATOR_FORMAT, "classes": meta["classes"],
@@ -145,12 +145,6 @@ def _gan_data(split: SplitShard) -> GanData:
     return GanData(split.images, split.labels)
 
 
-def _unlabeled_images(shards: Path) -> np.ndarray:
-    try:
-        return open_split(shards, "unlabeled").images
-    except InputError as error:
-        raise InputError(f"augment.unlabeled.enabled needs an 'unlabeled' split: {error}"
-                         ) from error
 
 
 def _nothing_to_make(out: Path, model_dir: Path, meta: dict, reason: str) -> dict:

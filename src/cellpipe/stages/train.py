@@ -143,19 +143,12 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     return TrainOutcome(model, contract, result, pseudo, gate, generated)
 
 
-def _unlabeled_split(shards: Path, method: str) -> SplitShard:
-    try:
-        return open_split(shards, "unlabeled")
-    except InputError as error:
-        raise InputError(f"method {method} needs an 'unlabeled' split: {error}") from error
-
-
 def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Objective:
     """What each epoch optimises: supervised, or a semi-supervised objective over the
     unlabelled split (augmented as the training images are)."""
     if params.method not in ("sgan", "fixmatch"):
         return Objective()
-    unlabeled = _unlabeled_split(shards, params.method).images
+    unlabeled = open_split(shards, "unlabeled", needed_by=f"method {params.method}").images
     augment = build_augment(params.augment, contract.pad_value)
     if params.method == "sgan":
         dataset = ImageDataset(unlabeled, np.zeros(len(unlabeled), np.int64), augment)
@@ -261,7 +254,7 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
     Each round starts again from the backbone's initial weights, so a wrong
     pseudo-label from round k cannot be reinforced by the weights that made it.
     """
-    unlabeled = _unlabeled_split(shards, "pseudo_label")
+    unlabeled = open_split(shards, "unlabeled", needed_by="method pseudo_label")
     best_model, best_result, history = model, result, list(result.history)
     records = []
     for round_number in range(1, params.pseudo_label.rounds + 1):
