@@ -14,6 +14,9 @@ from cellpipe.data.shards import open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, write_synthetic
 from cellpipe.engine.checkpoint import load_model
 from cellpipe.errors import InputError
+from cellpipe.gan.fit import GanData
+from cellpipe.gan.pool import UnlabeledPoolParams, pseudo_labelled_pool
+from cellpipe.gan.quality import FeatureSpace
 from cellpipe.stages import augment as augment_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.augment import AugmentParams, synthetic_counts
@@ -123,6 +126,20 @@ def test_pseudo_labelled_gan_pool_needs_an_unlabeled_split(shards: Path, tmp_pat
         {"enabled": True, "count": 2, "gan": TINY_GAN, "unlabeled": {"enabled": True}})
     with pytest.raises(InputError, match="augment.unlabeled.enabled needs an 'unlabeled' split"):
         augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")
+
+
+def test_pseudo_labelled_pool_with_one_class_or_no_unlabeled_images(tmp_path: Path) -> None:
+    """One labelled class: a clear error (a probe needs two). An empty unlabeled split:
+    the GAN learns from train alone, and says so."""
+    params = UnlabeledPoolParams(enabled=True)
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    one_class = GanData(images, np.zeros(4, np.int64))
+    with pytest.raises(InputError, match="two classes or more; train has 1"):
+        pseudo_labelled_pool(one_class, images, one_class, list(CLASSES), params, FeatureSpace())
+    two_classes = GanData(images, np.array([0, 0, 1, 1]))
+    pool, chosen, metrics = pseudo_labelled_pool(two_classes, images[:0], two_classes,
+                                                 list(CLASSES), params, FeatureSpace())
+    assert pool is two_classes and chosen.empty and metrics["pseudo_labelled_images"] == 0
 
 
 def test_synthetic_folder_with_a_val_split_is_refused(shards: Path, tmp_path: Path) -> None:

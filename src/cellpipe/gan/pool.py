@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cellpipe.engine.pseudo import PseudoLabelSelection, select_pseudo_labels
+from cellpipe.errors import InputError
 from cellpipe.gan.fit import GanData
 from cellpipe.gan.quality import FeatureSpace
 
@@ -62,6 +63,13 @@ def pseudo_labelled_pool(train: GanData, unlabeled: np.ndarray, val: GanData,
     Returns the pool, one row per chosen unlabeled image (its row, label and the probe's
     confidence) and metrics: the probe's val accuracy and macro-F1 and the counts.
     """
+    seen = np.unique(train.labels)
+    if len(seen) < 2:
+        raise InputError("augment.unlabeled: the probe that labels the unlabeled split needs "
+                         f"labelled train images of two classes or more; train has {len(seen)}")
+    if len(unlabeled) == 0:
+        log.warning("GAN pool: the unlabeled split is empty; the GAN learns from train only")
+        return train, pd.DataFrame(columns=PSEUDO_LABEL_COLUMNS), {"pseudo_labelled_images": 0}
     probe = fit_probe(features, train.images, train.labels)
     val_predicted = probe.predict(embed(features, val.images)) if len(val.labels) else None
     probabilities = probe.predict_proba(embed(features, unlabeled))
