@@ -28,6 +28,32 @@ def test_every_backbone_runs_forward_and_backward(name: str) -> None:
     assert len(backbone.blocks) >= 4
 
 
+@pytest.mark.parametrize("name", available_backbones())
+def test_every_backbone_truncates_to_its_first_blocks(name: str) -> None:
+    torch.manual_seed(0)
+    whole = build_backbone(name, "none")
+    cut = build_backbone(name, "none", blocks=2)
+    assert len(cut.blocks) == 2 and cut.dim < whole.dim
+    assert cut.features(torch.randn(2, 3, 32, 32)).shape == (2, cut.dim)
+    # The kept blocks are the same modules as the first blocks of the whole network.
+    assert [type(b) for b in cut.blocks] == [type(b) for b in whole.blocks[:2]]
+    model = Classifier(cut, num_classes=3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert any(p.grad is not None for p in model.blocks[0].parameters())
+
+
+def test_truncation_keeps_the_pretrained_weights_and_checks_the_count() -> None:
+    whole = build_backbone("efficientnet_lite0", "imagenet")
+    cut = build_backbone("efficientnet_lite0", "imagenet", blocks=5)
+    assert cut.pretrained and cut.dim == 80  # the fourth stage's width
+    for kept, reference in zip(cut.blocks, whole.blocks, strict=False):
+        for a, b in zip(kept.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(CellpipeError, match=r"backbone_blocks: 10 asked, efficientnet_lite0 "
+                                            r"has 9 blocks \(use 1..9"):
+        build_backbone("efficientnet_lite0", "none", blocks=10)
+
+
 def test_efficientnet_lite0_loads_imagenet_weights_offline() -> None:
     backbone = build_backbone("efficientnet_lite0", "imagenet")
     assert backbone.pretrained and backbone.mean == (0.5, 0.5, 0.5)

@@ -64,6 +64,19 @@ def test_training_learns_and_checkpoint_describes_itself(shards: Path, manifest:
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
 
 
+def test_truncated_backbone_trains_and_reloads_from_its_checkpoint(
+        shards: Path, manifest: Path, tmp_path: Path) -> None:
+    _run(shards, manifest, tmp_path / "out", _params(backbone_blocks=2))
+    trained = load_model(tmp_path / "out" / "model.pt")
+    assert trained.info["backbone_blocks"] == 2 and len(trained.classifier.blocks) == 2
+    assert trained.classifier.head[1].in_features == 64  # smallcnn's second stage
+    test = open_split(shards, "test")
+    inputs = torch.from_numpy(to_model_input(np.asarray(test.images), trained.contract))
+    with torch.no_grad():  # the weights that trained, not a fresh network's
+        accuracy = (trained.classifier(inputs).argmax(1).numpy() == test.labels).mean()
+    assert accuracy > 0.9
+
+
 def test_head_phase_on_cached_features_leaves_the_backbone_untouched(
         shards: Path, manifest: Path, tmp_path: Path) -> None:
     # Phase 1 barely moves (tiny lr), so the best weights come from phase 2.

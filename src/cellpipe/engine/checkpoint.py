@@ -34,12 +34,14 @@ class TrainedModel:
 
 
 def save_model(path: Path, classifier: Classifier, contract: ModelContract, *, backbone: str,
-               weights: str, dropout: float, **info: object) -> None:
+               weights: str, dropout: float, backbone_blocks: int | None = None,
+               **info: object) -> None:
     """Write weights, architecture, contract and provenance (``info``) atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "cellpipe_version": __version__,
         "backbone": backbone,
+        "backbone_blocks": backbone_blocks,
         "weights": weights,
         "dropout": dropout,
         "contract": contract.to_dict(),
@@ -71,7 +73,9 @@ def load_model(path: Path) -> TrainedModel:
                          f"expected {CHECKPOINT_FORMAT}")
     contract = ModelContract.from_dict(payload["contract"])
     # Architecture only: the trained weights come from the checkpoint itself.
-    classifier = Classifier(build_backbone(payload["backbone"], "none"),
+    # (Checkpoints from before truncation existed have no backbone_blocks: all blocks.)
+    backbone = build_backbone(payload["backbone"], "none", payload.get("backbone_blocks"))
+    classifier = Classifier(backbone,
                             len(contract.class_names), payload["dropout"])
     classifier.load_state_dict(payload["state_dict"])
     classifier.eval()

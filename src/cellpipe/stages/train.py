@@ -47,6 +47,9 @@ class TrainParams(FitParams):
 
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
+    backbone_blocks: int | None = Field(
+        None, ge=1, description="keep only the first N backbone blocks (mid-level features, "
+                                "for small images far from ImageNet); null keeps all")
     mean: list[float] | None = Field(None, description="override the weights' normalisation")
     std: list[float] | None = None
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -94,6 +97,10 @@ def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelC
     )
 
 
+def _build_backbone(params: TrainParams) -> Backbone:
+    return build_backbone(params.backbone, params.weights, params.backbone_blocks)
+
+
 def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Path,
           fingerprint: str, synthetic: Path | None = None) -> TrainOutcome:
     """Fit with ``params.method``; ``checkpoints`` holds the resumable state of each round.
@@ -104,7 +111,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     meta = read_meta(shards)
     seed_everything(params.seed)  # a backbone without pretrained weights is initialised here
     train_split, val_split = labeled(open_split(shards, "train")), open_split(shards, "val")
-    backbone = build_backbone(params.backbone, params.weights)
+    backbone = _build_backbone(params)
     contract = make_contract(meta, backbone, params)
     log.info("training %s (%s weights) on %d images, validating on %d; classes %s",
              params.backbone, params.weights, len(train_split.images), len(val_split.images),
@@ -115,7 +122,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
 
     def fit_round(images: np.ndarray, labels: np.ndarray, name: str, selection: str,
                   held_out: ImageDataset = val) -> tuple[Classifier, FitResult]:
-        fresh = unused.pop() if unused else build_backbone(params.backbone, params.weights)
+        fresh = unused.pop() if unused else _build_backbone(params)
         seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
         model = Classifier(fresh, len(contract.class_names), params.dropout)
         tag = f"{name}: " if name != "round0" else ""
@@ -303,7 +310,8 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
     # rerun that reproduces the same weights must leave dvc.lock and git unchanged.
     history = timed.drop(columns="seconds")
     save_model(model_path, outcome.model, outcome.contract, backbone=params.backbone,
-               weights=params.weights, dropout=params.dropout,
+               backbone_blocks=params.backbone_blocks, weights=params.weights,
+               dropout=params.dropout,
                params=json.loads(params.model_dump_json()), manifest_sha256=manifest_sha,
                val_macro_f1=outcome.result.best_score, data_gate=outcome.gate,
                history=history.to_dict(orient="records"))
