@@ -54,9 +54,10 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check src tests bench flows
 
-## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~2 h 30 min on 2 cores)
+## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~3 h on 2 cores)
 bench: venv
 	$(BIN)/python bench/ingest_blood_cells.py
+	$(BIN)/python bench/feature_depth.py
 	$(BIN)/python bench/train_real.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/slides.py
