@@ -38,6 +38,7 @@ from cellpipe.stages.train import TrainParams, make_contract
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger("bench")
 MOBILENET_WEIGHTS = train_real.DATASETS.parent / "weights" / "mobilenet_v2_imagenet_from_tflite.pth"
@@ -100,17 +101,21 @@ def depth_table(candidate: Candidate, shards: Path, folds: int, repeats: int) ->
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for (label, rows), colour in zip(table.groupby("backbone", sort=False), ("C0", "C1"),
-                                     strict=False):
-        axes.plot(rows["blocks kept"], rows["cv accuracy"], "o-", color=colour,
-                  label=f"{label}: 5-fold CV on the 200 labelled")
-        axes.plot(rows["blocks kept"], rows["test accuracy"], "x--", color=colour, alpha=0.6,
-                  label=f"{label}: 600 test images")
-    axes.set(xlabel="backbone blocks kept (train.backbone_blocks)",
-             ylabel="linear probe accuracy", title="melanoma vs nevus, 64 px: features by depth")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    """One panel per backbone: probe accuracy against the number of blocks kept."""
+    groups = list(table.groupby("backbone", sort=False))
+    figure, panels = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), sharey=True,
+                                  squeeze=False)
+    for axes, (label, rows) in zip(panels[0], groups, strict=True):
+        axes.plot(rows["blocks kept"], rows["cv accuracy"], "o-",
+                  label="5-fold CV on the 200 labelled (chooses)")
+        axes.plot(rows["blocks kept"], rows["test accuracy"], "x--", alpha=0.7,
+                  label="600 test images (reported only)")
+        axes.set(title=label, xlabel="backbone blocks kept (train.backbone_blocks)")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    panels[0][0].set_ylabel("linear probe accuracy")
+    panels[0][0].legend(fontsize=8)
+    figure.suptitle("melanoma vs nevus at 64 px: pretrained features by depth")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

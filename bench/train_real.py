@@ -5,7 +5,8 @@ Runs the real stages (ingest → preprocess → train → evaluate) on
 README. Also measures the frozen-backbone speed-up of cached features.
 
     python bench/train_real.py [--only white_cells white_cells_random_val melanoma
-                                      melanoma_alignment melanoma_depth malaria speedup]
+                                      melanoma_alignment melanoma_depth
+                                      melanoma_depth_fixmatch malaria speedup]
                                [--seeds 42 1 2]
 
 With several seeds every run repeats once per seed (train.seed: data order, head
@@ -86,6 +87,13 @@ FIXMATCH_MELANOMA = Run(
      "fixmatch": {"steps_per_epoch": 20, "threshold": 0.95, "unlabeled_ratio": 3}},
     "~75% (pseudo-labels)")
 
+def first_blocks(train: dict, blocks: int, trainable: int | str) -> dict:
+    """``train`` on the first ``blocks`` backbone blocks, its last phase tuning ``trainable``."""
+    *phases, last = train["phases"]
+    return {**train, "backbone_blocks": blocks,
+            "phases": [*phases, {**last, "trainable": trainable}]}
+
+
 EXPERIMENTS = {
     "white_cells": Experiment(
         "blood_cells.tar.gz", "blood_cells/images",
@@ -134,11 +142,13 @@ EXPERIMENTS = {
     "melanoma_depth": melanoma([
         Run("melanoma, supervised, whole backbone", SUPERVISED_MELANOMA, "~75% (supervised)"),
         *[Run(f"melanoma, supervised, first 5 of 9 blocks, fine-tune {trainable}",
-              {**SUPERVISED_MELANOMA, "backbone_blocks": 5,
-               "phases": [SUPERVISED_MELANOMA["phases"][0],
-                          {**SUPERVISED_MELANOMA["phases"][1], "trainable": trainable}]},
-              "~75% (supervised)")
+              first_blocks(SUPERVISED_MELANOMA, 5, trainable), "~75% (supervised)")
           for trainable in (3, "all")],
+    ]),
+    # FixMatch on the same 5 blocks (--only melanoma_depth_fixmatch).
+    "melanoma_depth_fixmatch": melanoma([
+        Run("melanoma, FixMatch, first 5 of 9 blocks, fine-tune all",
+            first_blocks(FIXMATCH_MELANOMA.train, 5, "all"), "~75% (pseudo-labels)"),
     ]),
     "malaria": Experiment(
         "malaria_train.tar.gz", "malaria_train",
