@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cellpipe.codefiles import imported_code
 from cellpipe.params import StageParams, flat_keys, load_section
 from cellpipe.stages.augment import AugmentParams
 from cellpipe.stages.evaluate import EvaluateParams
@@ -60,18 +61,28 @@ def test_params_yaml_spells_out_every_key_and_validates(stage: str) -> None:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_module_a_stage_imports_is_a_dvc_dependency(stage: str) -> None:
+    # The same list the stage's run fingerprint hashes (engine/checkpoint.py).
     module, _ = STAGES[stage]
-    # A fresh interpreter, so only what this stage imports is in sys.modules.
-    listing = subprocess.run(
-        [sys.executable, "-c",
-         f"import json, sys, {module}; print(json.dumps([m.__file__ for n, m in "
-         "sys.modules.items() if n.startswith('cellpipe') and getattr(m, '__file__', None)]))"],
-        capture_output=True, text=True, check=True,
-    )
-    imported = {Path(f).resolve().relative_to(REPO).as_posix() for f in json.loads(listing.stdout)}
-    code = {f for f in imported if not f.endswith("__init__.py")}
+    code = {path.relative_to(REPO).as_posix() for path in imported_code(module)}
     deps = set(PIPELINE[stage]["deps"])
     assert code - deps == set(), f"stage '{stage}' imports code that dvc.yaml does not list"
     listed_code = {d for d in deps if d.startswith("src/") and not d.startswith(COPIED_CODE)}
     assert listed_code - code == set(), f"stage '{stage}' lists code it does not import"
     assert all((REPO / d).exists() for d in listed_code)
+
+
+def test_imported_code_covers_what_python_loads_and_imports_inside_functions() -> None:
+    # What a fresh interpreter loads misses imports inside functions: cli imports the
+    # stages only when a command runs.
+    listing = subprocess.run(
+        [sys.executable, "-c",
+         "import json, sys, cellpipe.cli; print(json.dumps([m.__file__ for n, m in "
+         "sys.modules.items() if n.startswith('cellpipe') and getattr(m, '__file__', None)]))"],
+        capture_output=True, text=True, check=True,
+    )
+    loaded = {Path(f).resolve() for f in json.loads(listing.stdout)}
+    found = set(imported_code("cellpipe.cli"))
+    assert {f for f in loaded if f.name != "__init__.py"} < found
+    train = REPO / "src/cellpipe/stages/train.py"
+    assert train in found and train not in loaded
+    assert REPO / "src/cellpipe/codefiles.py" in set(imported_code("cellpipe.stages.train"))

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel
 
 from cellpipe import __version__
+from cellpipe.codefiles import imported_code
 from cellpipe.contract import ModelContract
 from cellpipe.errors import InputError
 from cellpipe.fsutil import atomic_path
@@ -123,16 +124,17 @@ def load_run_state(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def run_fingerprint(params: BaseModel, *inputs: Path | dict) -> str:
+def run_fingerprint(params: BaseModel, *inputs: Path | dict, code: str) -> str:
     """Identity of a training run: resume only a checkpoint with the same one.
 
-    It covers the params, the input files (bytes) or descriptions (dicts), and
-    cellpipe's own code: DVC reruns a stage when code changes, and a persisted
-    checkpoint from older code must not be resumed then.
+    It covers the params, the input files (bytes) or descriptions (dicts), and the
+    source of module ``code`` (the stage) with every cellpipe module it imports:
+    the files dvc.yaml lists as the stage's deps. DVC reruns the stage when they
+    change, and a persisted checkpoint from older code must not be resumed then;
+    code the stage does not run leaves the fingerprint (and dvc.lock) alone.
     """
     digest = hashlib.sha256(params.model_dump_json().encode())
-    package = Path(__file__).resolve().parents[1]
-    for source in sorted(package.rglob("*.py")):
+    for source in imported_code(code):
         digest.update(source.read_bytes())
     for item in inputs:
         if isinstance(item, dict):

@@ -104,9 +104,10 @@ def run(shards: Path, out: Path, model_dir: Path, params: AugmentParams, *,
     pool_inputs: list[Path | dict] = [read_meta(shards), shards / "train" / "rows.parquet"]
     if params.unlabeled.enabled:
         pool_inputs += [params.unlabeled.model_dump(), shards / "unlabeled" / "rows.parquet"]
+    fingerprint = run_fingerprint(params.gan, *pool_inputs, code=__name__)
     result = fit_gan(pool, val, len(meta["classes"]), params.gan, Device.pick(device), out=out,
-                     checkpoint=out / "checkpoints" / "gan.pt",
-                     fingerprint=run_fingerprint(params.gan, *pool_inputs), features=features)
+                     checkpoint=out / "checkpoints" / "gan.pt", fingerprint=fingerprint,
+                     features=features)
     generator_path = model_dir / "generator.pt"
     save_reproducibly(generator_path, {
         "format": GENERATOR_FORMAT, "classes": meta["classes"],

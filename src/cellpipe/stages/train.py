@@ -294,7 +294,7 @@ def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
     inputs: list[Path | dict] = [manifest, read_meta(shards)]
     if synthetic is not None:
         inputs += [read_synthetic_meta(synthetic), synthetic / "train" / "rows.parquet"]
-    return run_fingerprint(params, *inputs)
+    return run_fingerprint(params, *inputs, code=__name__)
 
 
 def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: TrainParams, *,
