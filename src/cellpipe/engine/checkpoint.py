@@ -76,8 +76,7 @@ def load_model(path: Path) -> TrainedModel:
     # Architecture only: the trained weights come from the checkpoint itself.
     # (Checkpoints from before truncation existed have no backbone_blocks: all blocks.)
     backbone = build_backbone(payload["backbone"], "none", payload.get("backbone_blocks"))
-    classifier = Classifier(backbone,
-                            len(contract.class_names), payload["dropout"])
+    classifier = Classifier(backbone, len(contract.class_names), payload["dropout"])
     classifier.load_state_dict(payload["state_dict"])
     classifier.eval()
     reserved = {"state_dict", "contract"}

@@ -113,9 +113,10 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     train_split, val_split = labeled(open_split(shards, "train")), open_split(shards, "val")
     backbone = _build_backbone(params)
     contract = make_contract(meta, backbone, params)
-    log.info("training %s (%s weights) on %d images, validating on %d; classes %s",
-             params.backbone, params.weights, len(train_split.images), len(val_split.images),
-             list(contract.class_names))
+    log.info("training %s (%s weights, %s) on %d images, validating on %d; classes %s",
+             params.backbone, params.weights,
+             f"first {params.backbone_blocks} blocks" if params.backbone_blocks else "all blocks",
+             len(train_split.images), len(val_split.images), list(contract.class_names))
     val = ImageDataset(val_split.images, val_split.labels)
     unused = [backbone]  # the first round trains the backbone built above, later ones anew
     objectives: list[Objective] = []
