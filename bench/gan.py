@@ -6,8 +6,8 @@ space) and wall time, then runs the train stage's data gate with each GAN's
 synthetic images: val macro-F1 without and with them, and whether they were kept.
 Sample grids are copied to bench/results/ for the README.
 
-    python bench/gan.py [--only melanoma melanoma_pseudo bccd_wbc sgan] [--epochs N]
-                         [--seeds 42 1 2]
+    python bench/gan.py [--only melanoma melanoma_pseudo bccd_wbc sgan sgan_depth]
+                        [--epochs N] [--seeds 42 1 2]
 
 melanoma: the shared 200-labeled set at 32 px, 1,500 GAN epochs (classifier at 64 px,
 as in train_real.py). melanoma_pseudo: the DCGAN again, its pool grown with the
@@ -16,6 +16,7 @@ bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px, 100 epochs (a 64 p
 step costs ~4x a 32 px one on a CPU).
 sgan: the semi-supervised GAN (train.method: sgan) against the supervised run
 on the 600 melanoma test images, both through the train and evaluate stages.
+sgan_depth: the same on the first 5 of the backbone's 9 blocks (train.backbone_blocks).
 """
 
 from __future__ import annotations
@@ -97,22 +98,31 @@ SGAN_MELANOMA = {
 }
 
 
-def run_sgan(scratch: Path, seeds: list[int]) -> list[dict]:
+# sgan: the whole backbone; sgan_depth: its first 5 of 9 blocks, all of them fine-tuned
+# (the depth bench/feature_depth.py picks; train_real.py --only melanoma_depth).
+SGAN_BLOCKS = {"sgan": None, "sgan_depth": 5}
+
+
+def run_sgan(scratch: Path, seeds: list[int], blocks: int | None = None) -> list[dict]:
     """SGAN and supervised on melanoma: same data, backbone, head phase and evaluate.
 
     Each seed sets the data order and head initialisation (train.seed) and, for SGAN,
     the generator's initialisation (train.sgan.seed); the last rows are the means.
+    ``blocks`` trains both on the first ``blocks`` backbone blocks.
     """
     manifest, shards = _melanoma_shards(scratch)
+    runs = [("supervised", SUPERVISED_MELANOMA), ("SGAN", SGAN_MELANOMA)]
+    if blocks is not None:
+        runs = [(label, train_real.first_blocks(train, blocks, "all")) for label, train in runs]
     rows = []
     for seed in seeds:
-        for label, train in (("supervised", SUPERVISED_MELANOMA), ("SGAN", SGAN_MELANOMA)):
+        for label, train in runs:
             train = {**train, "seed": seed}
             if "sgan" in train:
                 train["sgan"] = {**train["sgan"], "seed": seed}
             rows.append(_sgan_bench_run(label, train, seed, shards, manifest,
                                         scratch / f"{label}-{seed}",
-                                        keep_grid=seed == seeds[0]))
+                                        keep_grid=seed == seeds[0] and blocks is None))
             log.info("%s", json.dumps(rows[-1]))
     table = pd.DataFrame(rows)
     for label in ("supervised", "SGAN"):
@@ -138,7 +148,8 @@ def _sgan_bench_run(label: str, train: dict, seed: int, shards: Path, manifest: 
     if keep_grid and (out / "sgan_generated.png").exists():
         shutil.copy(out / "sgan_generated.png", RESULTS / "sgan_melanoma_generated.png")
     phases = " → ".join(f"{p['trainable']}×{p['epochs']}" for p in train["phases"])
-    return {"data set": "melanoma 200 labeled (+7,018 unlabeled for SGAN) → 600 test",
+    blocks = f", first {train['backbone_blocks']} blocks" if train.get("backbone_blocks") else ""
+    return {"data set": f"melanoma 200 labeled (+7,018 unlabeled for SGAN) → 600 test{blocks}",
             "method": label, "seed": seed, "phases (trainable×epochs)": phases,
             "wall time": f"{minutes:.1f} min", "minutes": minutes,
             "val macro-F1": round(trained["val_macro_f1"], 4),
@@ -275,8 +286,8 @@ def _real_reference(name: str, bench: GanBench, shards: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", default=[*BENCHES, "sgan"],
-                        choices=[*BENCHES, "sgan"])
+    parser.add_argument("--only", nargs="+", default=[*BENCHES, *SGAN_BLOCKS],
+                        choices=[*BENCHES, *SGAN_BLOCKS])
     parser.add_argument("--epochs", type=int, help="override the GAN epochs (quick runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2],
                         help="seeds of the sgan comparison")
@@ -286,7 +297,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for name in args.only:
         with tempfile.TemporaryDirectory(prefix=f"cellpipe-gan-{name}-") as scratch:
-            rows = (run_sgan(Path(scratch), args.seeds) if name == "sgan"
+            rows = (run_sgan(Path(scratch), args.seeds, SGAN_BLOCKS[name])
+                    if name in SGAN_BLOCKS
                     else run_bench(name, BENCHES[name], Path(scratch), args.epochs))
         table = pd.DataFrame(rows).to_markdown(index=False)
         (RESULTS / f"gan_{name}.md").write_text(table + "\n")
