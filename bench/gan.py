@@ -70,9 +70,7 @@ class GanBench:
 
 BENCHES = {
     "melanoma": GanBench(32, 1500, {"count": 200},
-                         {"phases": [{"trainable": "head", "epochs": 40, "lr": 0.003},
-                                     {"trainable": 3, "epochs": 15, "lr": 0.0005}],
-                          "early_stopping_patience": 8,
+                         {**train_real.SUPERVISED_MELANOMA,
                           # 40 val images cannot show a gain of a few points: judge on
                           # 5-fold out-of-fold predictions over all 200 labelled images.
                           "synthetic_folds": 5}),

@@ -87,6 +87,7 @@ FIXMATCH_MELANOMA = Run(
      "fixmatch": {"steps_per_epoch": 20, "threshold": 0.95, "unlabeled_ratio": 3}},
     "~75% (pseudo-labels)")
 
+
 def first_blocks(train: dict, blocks: int, trainable: int | str) -> dict:
     """``train`` on the first ``blocks`` backbone blocks, its last phase tuning ``trainable``."""
     *phases, last = train["phases"]
@@ -119,10 +120,7 @@ EXPERIMENTS = {
         Run("melanoma 200 labeled → 600 test, supervised", SUPERVISED_MELANOMA,
             "~75% (supervised)"),
         Run("melanoma, + pseudo-labels from 7,018 unlabeled",
-            {"method": "pseudo_label",
-             "phases": [{"trainable": "head", "epochs": 40, "lr": 0.003},
-                        {"trainable": 3, "epochs": 15, "lr": 0.0005}],
-             "early_stopping_patience": 8,
+            {**SUPERVISED_MELANOMA, "method": "pseudo_label",
              "pseudo_label": {"rounds": 2, "threshold": 0.9, "max_per_class": 1500,
                               "max_class_ratio": 1.5}},
             "~75% (pseudo-labels)"),

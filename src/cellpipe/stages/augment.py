@@ -146,8 +146,6 @@ def _gan_data(split: SplitShard) -> GanData:
     return GanData(split.images, split.labels)
 
 
-
-
 def _nothing_to_make(out: Path, model_dir: Path, meta: dict, reason: str) -> dict:
     """Outputs of a run that trains no GAN: every DVC output exists, the synthetic set empty."""
     size = meta["image_size"]
