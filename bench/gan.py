@@ -6,12 +6,15 @@ space) and wall time, then runs the train stage's data gate with each GAN's
 synthetic images: val macro-F1 without and with them, and whether they were kept.
 Sample grids are copied to bench/results/ for the README.
 
-    python bench/gan.py [--only melanoma melanoma_pseudo bccd_wbc sgan sgan_depth]
-                        [--epochs N] [--seeds 42 1 2]
+    python bench/gan.py [--only melanoma melanoma_pseudo melanoma_scratch bccd_wbc sgan
+                               sgan_depth]
+                        [--epochs N] [--seeds 42 1 2] [--scratch DIR]
 
 melanoma: the shared 200-labeled set at 32 px, 1,500 GAN epochs (classifier at 64 px,
 as in train_real.py). melanoma_pseudo: the DCGAN again, its pool grown with the
 unlabelled images a linear probe labels confidently (augment.unlabeled), 200 epochs.
+melanoma_scratch: that DCGAN once more, the gate's classifier now the small CNN from
+scratch on the images' own 32 px (train_real.py --only melanoma_scratch).
 bccd_wbc: the demo's BCCD crops, GAN on white cells at 64 px, 100 epochs (a 64 px
 step costs ~4x a 32 px one on a CPU).
 sgan: the semi-supervised GAN (train.method: sgan) against the supervised run
@@ -27,6 +30,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +71,7 @@ class GanBench:
     augment: dict   # classes, count and the GAN's pool (augment.unlabeled)
     train: dict     # the classifier run the gate compares
     gans: tuple[str, ...] = tuple(GANS)
+    image_size: int = 64  # melanoma's classifier input (BCCD: params.yaml's)
 
 
 BENCHES = {
@@ -83,6 +89,11 @@ BENCHES["melanoma_pseudo"] = GanBench(
               "unlabeled": {"enabled": True, "threshold": 0.9, "max_per_class": 3000,
                             "max_class_ratio": 1.5}},
     BENCHES["melanoma"].train, gans=("DCGAN-BCE",))
+# The same DCGAN; the classifier is the small CNN from scratch at 32 px, which learns every
+# weight from the 160 train images: the data-starved case where samples could add most.
+BENCHES["melanoma_scratch"] = GanBench(
+    32, 200, BENCHES["melanoma_pseudo"].augment,
+    {**train_real.SMALL_CNN_MELANOMA, "synthetic_folds": 5}, gans=("DCGAN-BCE",), image_size=32)
 
 
 # The supervised melanoma run of train_real.py; SGAN continues its head phase
@@ -156,8 +167,8 @@ def _sgan_bench_run(label: str, train: dict, seed: int, shards: Path, manifest: 
             "published": "~50% SGAN" if label == "SGAN" else "~75% supervised"}
 
 
-def _melanoma_shards(scratch: Path) -> tuple[Path, Path]:
-    return train_real._prepare(train_real.EXPERIMENTS["melanoma"], scratch)
+def _melanoma_shards(scratch: Path, image_size: int = 64) -> tuple[Path, Path]:
+    return train_real._prepare(train_real.melanoma([], image_size), scratch)
 
 
 def _bccd_shards(scratch: Path) -> tuple[Path, Path]:
@@ -185,8 +196,8 @@ def _train_params(bench: GanBench, synthetic: str) -> train_stage.TrainParams:
 
 
 def run_bench(name: str, bench: GanBench, scratch: Path, epochs: int | None) -> list[dict]:
-    prepare = _melanoma_shards if name.startswith("melanoma") else _bccd_shards
-    manifest, shards = prepare(scratch)
+    manifest, shards = (_melanoma_shards(scratch, bench.image_size)
+                        if name.startswith("melanoma") else _bccd_shards(scratch))
     rows = [_real_reference(name, bench, shards)]
     for label in bench.gans:
         gan, out = GANS[label], scratch / label.split()[0]
@@ -282,6 +293,17 @@ def _real_reference(name: str, bench: GanBench, shards: Path) -> dict:
             "test accuracy without": "", "test accuracy with": ""}
 
 
+@contextmanager
+def _scratch_folder(name: str, keep_in: Path | None) -> Iterator[Path]:
+    """``keep_in/name`` when given (kept afterwards), else a temporary folder."""
+    if keep_in is not None:
+        (keep_in / name).mkdir(parents=True, exist_ok=True)
+        yield keep_in / name
+        return
+    with tempfile.TemporaryDirectory(prefix=f"cellpipe-gan-{name}-") as scratch:
+        yield Path(scratch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=[*BENCHES, *SGAN_BLOCKS],
@@ -289,15 +311,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the GAN epochs (quick runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2],
                         help="seeds of the sgan comparison")
+    parser.add_argument("--scratch", type=Path,
+                        help="keep the working folders here (default: a temporary folder); a "
+                             "rerun resumes each GAN from its checkpoint")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     RESULTS.mkdir(exist_ok=True)
     for name in args.only:
-        with tempfile.TemporaryDirectory(prefix=f"cellpipe-gan-{name}-") as scratch:
-            rows = (run_sgan(Path(scratch), args.seeds, SGAN_BLOCKS[name])
-                    if name in SGAN_BLOCKS
-                    else run_bench(name, BENCHES[name], Path(scratch), args.epochs))
+        with _scratch_folder(name, args.scratch) as scratch:
+            rows = (run_sgan(scratch, args.seeds, SGAN_BLOCKS[name]) if name in SGAN_BLOCKS
+                    else run_bench(name, BENCHES[name], scratch, args.epochs))
         table = pd.DataFrame(rows).to_markdown(index=False)
         (RESULTS / f"gan_{name}.md").write_text(table + "\n")
         print(table, flush=True)
