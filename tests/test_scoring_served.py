@@ -20,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cellpipe.cli import EXIT_QUARANTINED
 from cellpipe.cli import main as cli_main
 from cellpipe.serving.server import ServerInfo, free_port
 from test_serving import exported, server, trained  # noqa: F401 (module fixtures)
@@ -72,6 +73,10 @@ def test_cli_scores_an_inbox_through_triton(server: tuple[ServerInfo, Path],  # 
     assert summary["model"] == {"name": "cell_classifier", "version": "1"}
     assert cli_main(arguments) == 0  # a rerun skips both slides
     assert json.loads((out / "report.json").read_text())["totals"]["skipped"] == 2
+    # --strict: the same batch, but broken.png is still quarantined, so the exit says so.
+    assert cli_main([*arguments, "--strict"]) == EXIT_QUARANTINED
+    (inbox / "broken.png").unlink()
+    assert cli_main([*arguments, "--strict"]) == 0
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ from cellpipe.params import DEFAULT_PARAMS_FILE, load_section
 
 log = logging.getLogger("cellpipe")
 
+# `cellpipe score --strict`: the batch finished, but some slides were quarantined. Distinct
+# from 1 (the command failed), so a scheduler can tell "look at the quarantine" from "rerun".
+EXIT_QUARANTINED = 3
+
 
 class ServerUnreachable(CellpipeError):
     """No Triton server answers where the command looked for one."""
@@ -165,7 +169,7 @@ def _cmd_triton_verify(args: argparse.Namespace) -> None:
               f"macro-F1 {result['macro_f1']:.4f}")
 
 
-def _cmd_score(args: argparse.Namespace) -> None:
+def _cmd_score(args: argparse.Namespace) -> int:
     from cellpipe.serving.client import TritonClassifier
     from cellpipe.slides.batch import ModelKey, score_inbox
     from cellpipe.slides.reference import compare_with_voc, print_comparison
@@ -188,6 +192,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
           f"(summary.csv, slides/*/overlay.png, report.json)")
     if args.compare_voc:
         print_comparison(compare_with_voc(args.out, args.compare_voc, model))
+    return EXIT_QUARANTINED if args.strict and totals["quarantined"] else 0
 
 
 def _print_slide_table(summary_csv: Path, model_tag: str) -> None:
@@ -411,6 +416,9 @@ def _add_score_command(commands: argparse._SubParsersAction) -> None:
                        help="published model name (default: %(default)s)")
     score.add_argument("--state-dir", type=Path, default=Path(".cellpipe/triton"),
                        help="where `cellpipe triton start` keeps the local server's state")
+    score.add_argument("--strict", action="store_true",
+                       help=f"exit with status {EXIT_QUARANTINED} when any slide is quarantined "
+                            "(the rest is still scored)")
     score.add_argument("--compare-voc", type=Path, metavar="ANNOTATIONS",
                        help="a VOC Annotations folder: compare the counts with its boxes")
 
@@ -495,7 +503,7 @@ def _add_triton_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_command(commands: argparse._SubParsersAction, name: str,
-                 handler: Callable[[argparse.Namespace], None], summary: str,
+                 handler: Callable[[argparse.Namespace], int | None], summary: str,
                  details: str, *, runs_on: str = "cpu") -> argparse.ArgumentParser:
     """A stage subcommand; ``runs_on`` adds --workers (cpu), --device (torch) or nothing."""
     command = commands.add_parser(name, help=summary, description=f"{summary} {details}")
@@ -521,11 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except CellpipeError as error:
         log.error("%s", error)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
