@@ -313,7 +313,8 @@ def main() -> None:
                         help="seeds of the sgan comparison")
     parser.add_argument("--scratch", type=Path,
                         help="keep the working folders here (default: a temporary folder); a "
-                             "rerun resumes each GAN from its checkpoint")
+                             "rerun resumes each GAN from its checkpoint, so its 'GAN wall "
+                             "time' then counts only what was left")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
