@@ -239,15 +239,27 @@ def _read_tiff_page(path: Path | BinaryIO, page: int, scaling: BitDepthScaling,
 
 
 def value_range_of(array: np.ndarray, scaling: BitDepthScaling) -> tuple[float, float]:
-    """Input values that ``scaling`` maps to 0 and 255 for this array's dtype and content."""
+    """Input values that ``scaling`` maps to 0 and 255 for this array's dtype and content.
+
+    Only finite values count (NaN marks "no data" in float images); an image without
+    any is rejected. The span is at least one grey level of the input: 1 for integers,
+    and for floats the smallest step the values can resolve, so a float image in [0, 1]
+    keeps its own range instead of being stretched as if it were integer-valued.
+    """
+    integer = np.issubdtype(array.dtype, np.integer)
+    values = array if integer else array[np.isfinite(array)]
+    if values.size == 0:
+        raise ImageRejected("no finite pixel values (every pixel is NaN or infinite)")
     if scaling == "percentile":
-        low, high = np.percentile(array.astype(np.float32), [_LOW_PERCENTILE, _HIGH_PERCENTILE])
-    elif np.issubdtype(array.dtype, np.integer):
+        low, high = np.percentile(values.astype(np.float32), [_LOW_PERCENTILE,
+                                                               _HIGH_PERCENTILE])
+    elif integer:
         info = np.iinfo(array.dtype)
         low, high = info.min, info.max
     else:
         low, high = 0.0, 1.0  # float images are conventionally in [0, 1]
-    return float(low), float(max(high, low + 1.0))
+    smallest_step = 1.0 if integer else float(np.spacing(np.float32(max(abs(low), abs(high)))))
+    return float(low), float(max(high, low + smallest_step))
 
 
 def _as_uint8(array: np.ndarray, scaling: BitDepthScaling,
@@ -256,7 +268,10 @@ def _as_uint8(array: np.ndarray, scaling: BitDepthScaling,
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    values = array.astype(np.float32)
     low, high = value_range or value_range_of(array, scaling)
+    values = array.astype(np.float32)
+    if not np.issubdtype(array.dtype, np.integer):
+        # "No data" pixels show as background-dark rather than failing the cast.
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
     scaled = (values - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
