@@ -13,14 +13,17 @@ Layout of a results folder::
 
 A result folder is written under a temporary name and renamed when complete, so a run
 killed at any point leaves either a whole result or none, and the next run scores
-exactly the slides without one. A slide that cannot be read is quarantined with its
-reason while the batch goes on; a server that cannot be reached stops the batch instead,
-because that says nothing about the slides.
+exactly the slides without one. Any error while one slide is read, decoded, segmented
+or written quarantines that slide with its reason while the batch goes on. Only a failing
+server or results disk stops the batch (:class:`ScoringStopped`), because that says
+nothing about the slides: they stay pending for the next run, and the stopped run still
+writes its report. Inbox locations are stored and logged with credentials redacted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import re
@@ -34,17 +37,35 @@ from pathlib import Path
 from typing import Literal
 
 import fsspec
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cellpipe.data.imageio import ImageRejected
 from cellpipe.errors import CellpipeError
 from cellpipe.fsutil import atomic_dir, atomic_path, file_sha256, write_json
+from cellpipe.redact import redact_text, redact_url
 from cellpipe.slides.readers import SLIDE_SUFFIXES, SlideUnreadable, open_slide
 from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
 
 log = logging.getLogger(__name__)
 
 Status = Literal["scored", "skipped", "quarantined"]
+
+# Errors writing a result that come from the slide's own name, not from the disk.
+_NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
+
+
+class ScoringStopped(CellpipeError):
+    """The server or the results disk failed: the batch stops and the slide stays pending."""
+
+
+class ServerFailed(ScoringStopped):
+    """The classifier (Triton, or whatever scores crops) failed while a slide was in flight."""
+
+
+class ResultsDiskFailed(ScoringStopped):
+    """A result or quarantine record could not be written to the results folder."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +106,18 @@ def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]
     Files of any suffix are listed, so an unsupported one is quarantined with a reason
     rather than silently ignored.
     """
-    fs, root = inbox_filesystem(inbox)
-    if not fs.isdir(root):
-        raise CellpipeError(f"inbox {inbox} is not a folder")
+    try:
+        fs, root = inbox_filesystem(inbox)
+        is_folder = fs.isdir(root)
+        found = sorted(fs.find(root)) if is_folder else []
+    except Exception as error:  # fsspec backends raise their own types (aiohttp, botocore…)
+        raise CellpipeError(f"cannot list the inbox {redact_url(inbox)}: "
+                            f"{type(error).__name__}: {redact_text(str(error))}") from None
+    if not is_folder:
+        raise CellpipeError(f"inbox {redact_url(inbox)} is not a folder")
     root = root.rstrip("/")
     slides = []
-    for path in sorted(fs.find(root)):
+    for path in found:
         name = path[len(root):].lstrip("/")
         if any(part.startswith(".") for part in name.split("/")):
             continue
@@ -144,36 +171,72 @@ def _safe_name(name: str) -> str:
 def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
                     classifier: ImageClassifier, params: ScoreParams,
                     model: ModelKey) -> SlideOutcome:
-    """Score one slide unless its result exists; quarantine it if it cannot be read.
+    """Score one slide unless its result exists; quarantine it if anything about it fails.
 
-    Errors from the classifier (server down, model missing) are raised: they are not
-    the slide's fault, and the slide must stay pending for the next run.
+    :class:`ScoringStopped` (the server or the results disk failed) is raised instead:
+    it is not the slide's fault, and the slide must stay pending for the next run.
     """
     try:
-        with local_copy(fs, slide) as path:
-            if path.suffix.lower() not in SLIDE_SUFFIXES:
-                raise SlideUnreadable(f"unsupported slide format '{path.suffix or path.name}'")
-            sha256 = file_sha256(path)
-            name = result_name(slide, sha256, model)
-            target = out / "slides" / name
-            if target.is_dir():
-                _release(out, slide)
-                return SlideOutcome(slide.name, "skipped", f"slides/{name}")
-            started = time.perf_counter()
-            with open_slide(path) as reader:
-                result = score_slide(reader, classifier, params)
-                dimensions = reader.dimensions
-            summary = _summary(slide, sha256, dimensions, result, params, model, started)
-    except SlideUnreadable as error:
-        return _quarantine(out, slide, str(error))
-    except CellpipeError:
+        return _score_and_write(fs, slide, out, _InFlight(classifier, slide.name), params,
+                                model)
+    except ScoringStopped:
         raise
-    except (OSError, ValueError, MemoryError) as error:
-        log.exception("%s: could not be scored", slide.name)
-        return _quarantine(out, slide, f"{type(error).__name__}: {error}")
-    write_result(target, result, summary)
+    except Exception as error:  # noqa: BLE001 (any failure of this slide's own processing)
+        if not isinstance(error, SlideUnreadable | ImageRejected):
+            log.debug("%s: could not be scored", slide.name, exc_info=True)
+        return _quarantine(out, slide, _reason(error))
+
+
+def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
+                     classifier: ImageClassifier, params: ScoreParams,
+                     model: ModelKey) -> SlideOutcome:
+    with local_copy(fs, slide) as path:
+        if path.suffix.lower() not in SLIDE_SUFFIXES:
+            raise SlideUnreadable(f"unsupported slide format '{path.suffix or path.name}'")
+        sha256 = file_sha256(path)
+        name = result_name(slide, sha256, model)
+        target = out / "slides" / name
+        if target.is_dir():
+            _release(out, slide)
+            return SlideOutcome(slide.name, "skipped", f"slides/{name}")
+        started = time.perf_counter()
+        with open_slide(path) as reader:
+            result = score_slide(reader, classifier, params)
+            dimensions = reader.dimensions
+        summary = _summary(slide, sha256, dimensions, result, params, model, started)
+    try:
+        write_result(target, result, summary)
+    except OSError as error:
+        if error.errno in _NAME_ERRNOS:
+            raise  # the slide's name, not the disk: quarantine it
+        raise ResultsDiskFailed(f"cannot write the result of {slide.name} to {out}: "
+                                f"{error}") from error
     _release(out, slide)
     return SlideOutcome(slide.name, "scored", f"slides/{name}", counts=result.counts)
+
+
+class _InFlight:
+    """The classifier, with any failure of it raised as :class:`ServerFailed` naming the
+    slide in flight, so that no server error can be mistaken for a bad slide."""
+
+    def __init__(self, classifier: ImageClassifier, slide: str) -> None:
+        self._classifier, self._slide = classifier, slide
+        self.contract = classifier.contract
+        self.model_name = classifier.model_name
+        self.model_version = classifier.model_version
+
+    def classify_images(self, images: np.ndarray) -> np.ndarray:
+        try:
+            return self._classifier.classify_images(images)
+        except Exception as error:
+            raise ServerFailed(f"{error} (slide in flight: {self._slide})") from error
+
+
+def _reason(error: Exception) -> str:
+    """A quarantine reason: our own messages as they are, others with their type."""
+    if isinstance(error, SlideUnreadable | ImageRejected):
+        return str(error)
+    return f"{type(error).__name__}: {redact_text(str(error))}"
 
 
 def write_result(target: Path, result: SlideResult, summary: dict) -> None:
@@ -209,8 +272,13 @@ def _summary(slide: InboxSlide, sha256: str, dimensions: tuple[int, int], result
 
 def _quarantine(out: Path, slide: InboxSlide, reason: str) -> SlideOutcome:
     log.warning("quarantined %s: %s", slide.name, reason)
-    write_json(_quarantine_file(out, slide),
-               {"slide": slide.name, "path": slide.path, "reason": reason, "at": utc_now()})
+    record = {"slide": slide.name, "path": redact_url(slide.path), "reason": reason,
+              "at": utc_now()}
+    try:
+        write_json(_quarantine_file(out, slide), record)
+    except OSError as error:
+        raise ResultsDiskFailed(f"cannot record the quarantine of {slide.name} in {out}: "
+                                f"{error}") from error
     return SlideOutcome(slide.name, "quarantined", reason=reason)
 
 
@@ -232,11 +300,25 @@ def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: Scor
     started = utc_now()
     remove_partial_results(out)
     fs, slides = list_inbox(inbox)
-    log.info("%d files in %s; results in %s (model %s)", len(slides), inbox, out, model.tag)
+    log.info("%d files in %s; results in %s (model %s)", len(slides), redact_url(inbox), out,
+             model.tag)
     outcomes = []
-    for slide in tqdm(slides, desc="score slides", unit="slide"):
-        outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
+    try:
+        for slide in tqdm(slides, desc="score slides", unit="slide"):
+            outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
+    except ScoringStopped as error:
+        _report_stopped_run(out, inbox, model, outcomes, started, error)
+        raise
     return write_run_report(out, inbox, model, outcomes, started)
+
+
+def _report_stopped_run(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
+                        started: str, error: ScoringStopped) -> None:
+    """What a stopped run did before it stopped, when the results disk still takes it."""
+    try:
+        write_run_report(out, inbox, model, outcomes, started, stopped=str(error))
+    except OSError:
+        log.debug("the stopped run's report could not be written either", exc_info=True)
 
 
 def remove_partial_results(out: Path) -> None:
@@ -247,10 +329,13 @@ def remove_partial_results(out: Path) -> None:
 
 
 def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
-                     started: str) -> dict:
-    """The run's report (runs/ and report.json) and summary.csv over every result."""
+                     started: str, *, stopped: str | None = None) -> dict:
+    """The run's report (runs/ and report.json) and summary.csv over every result.
+
+    ``stopped`` says why a run ended before its last slide (server or disk failure).
+    """
     report = {
-        "inbox": inbox,
+        "inbox": redact_url(inbox),
         "model": asdict(model),
         "started": started,
         "finished": utc_now(),
@@ -258,6 +343,8 @@ def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[Slid
                    for status in ("scored", "skipped", "quarantined")},
         "slides": [asdict(outcome) for outcome in outcomes],
     }
+    if stopped is not None:
+        report["stopped"] = redact_text(stopped)
     write_json(out / "runs" / f"{started.replace(':', '')}.json", report)
     write_json(out / "report.json", report)
     write_summary_table(out)
