@@ -17,6 +17,7 @@ from cellpipe import __version__
 from cellpipe.errors import CellpipeError, InputError, ParamsError
 from cellpipe.parallel import default_workers
 from cellpipe.params import DEFAULT_PARAMS_FILE, load_section
+from cellpipe.redact import install_log_redaction
 
 log = logging.getLogger("cellpipe")
 
@@ -528,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_redaction()  # no inbox/remote/server credentials in any log line
     try:
         return args.handler(args) or 0
     except CellpipeError as error:
