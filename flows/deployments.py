@@ -26,13 +26,15 @@ class FlowsParams(StageParams):
     results: str = Field("results", description="where per-slide results are written")
     protocol: str = Field("grpc", pattern="^(grpc|http)$")
     dask_workers: int = Field(0, ge=0, description="0: threads; N: a local Dask cluster")
+    dask_address: str | None = Field(None, description="tcp://host:port of a running Dask "
+                                     "scheduler: slides are scored on its workers")
 
 
 def deployments(params: FlowsParams, repo: Path, params_file: Path, *, url: str | None = None,
                 interval_s: float | None = None) -> list[RunnerDeployment]:
     """Both deployments; ``interval_s`` replaces the crons (tests, demos)."""
     schedule = ({"interval": interval_s} if interval_s else None)
-    scoring_flow = scoring_on_dask(params.dask_workers) if params.dask_workers else scoring
+    scoring_flow = scoring_flow_for(params)
     return [
         training.to_deployment(
             name="nightly", parameters={"repo": str(repo)},
@@ -45,6 +47,14 @@ def deployments(params: FlowsParams, repo: Path, params_file: Path, *, url: str 
                         "triton_state_dir": str(repo / ".cellpipe" / "triton")},
             **(schedule or {"cron": params.scoring_cron})),
     ]
+
+
+def scoring_flow_for(params: FlowsParams, dask_address: str | None = None):  # noqa: ANN201
+    """The scoring flow on the task runner ``params`` (or ``dask_address``) asks for."""
+    address = dask_address or params.dask_address
+    if address or params.dask_workers:
+        return scoring_on_dask(params.dask_workers or 2, address)
+    return scoring
 
 
 def serve_deployments(params: FlowsParams, repo: Path, params_file: Path, *,

@@ -1,6 +1,7 @@
 """The `scoring` flow: every new slide of an inbox scored on Triton, one task per slide.
 
-Slides map onto tasks (threads by default, Dask workers with ``dask=True``); Triton I/O
+Slides map onto tasks (threads by default; a local Dask cluster, or one that already runs,
+through :func:`scoring_on_dask`); Triton I/O
 sits in tasks that retry. The per-slide summaries end up in a markdown artifact.
 """
 
@@ -86,12 +87,21 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     return run
 
 
-def scoring_on_dask(workers: int = 2):  # noqa: ANN201 (a Prefect Flow)
-    """The same flow with per-slide tasks on a local Dask cluster (many slides)."""
+def scoring_on_dask(workers: int = 2, address: str | None = None):  # noqa: ANN201 (a Flow)
+    """The same flow with its per-slide tasks on Dask.
+
+    ``address`` (``tcp://host:8786``) sends them to a scheduler that already runs, with its
+    workers wherever they are; without it, a local cluster of ``workers`` processes is
+    started for the run. The workers need cellpipe and this repository's ``flows``
+    package importable, and must reach the inbox, the results folder and Triton.
+    """
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                            "dashboard_address": None})
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                                "dashboard_address": None})
     return scoring.with_options(task_runner=runner)
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -124,3 +125,91 @@ def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout_s: floa
         time.sleep(1)
     serving.send_signal(signal.SIGTERM)
     pytest.fail(f"no completed run within {timeout_s:.0f} s:\n{serving.stdout.read()[-4000:]}")
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[str]:
+    """A real Dask scheduler and two worker processes on 127.0.0.1; yields its address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    dask = [sys.executable, "-m", "distributed.cli"]
+    processes = [subprocess.Popen(
+        [*dask[:2], "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", ":0", "--no-show"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        _wait_for_port(port, processes[0])
+        processes += [subprocess.Popen(
+            [*dask[:2], "distributed.cli.dask_worker", address, "--host", "127.0.0.1",
+             "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--name", f"w{index}"],
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True) for index in range(2)]
+        _wait_for_workers(address, 2)
+        yield address
+    finally:
+        for process in reversed(processes):
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the Dask scheduler exited"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"no Dask scheduler on port {port} within {timeout_s:.0f} s")
+
+
+def _wait_for_workers(address: str, count: int, timeout_s: float = 90) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout_s) as client:
+        client.wait_for_workers(count, timeout=timeout_s)
+
+
+@pytest.mark.slow
+def test_scoring_on_a_running_dask_cluster_equals_the_thread_run(
+        server: tuple[ServerInfo, Path], dask_cluster: str, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cellpipe flows run scoring --dask-address` sends the slides to the cluster's workers."""
+    from distributed import Client
+
+    info, _ = server
+    inbox, out, params_file = _setup(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    common = ["flows", "run", "scoring", "--repo", str(REPO), "--home", str(tmp_path / "prefect"),
+              "--params", str(params_file), "--url", info.grpc_url, "--inbox", str(inbox)]
+    assert cli_main([*common, "--out", str(tmp_path / "threads")]) == 0
+    assert cli_main([*common, "--out", str(out), "--dask-address", dask_cluster]) == 0
+    _check_results(out)
+
+    # The scheduler ran one score_one task per inbox file on its workers.
+    with Client(dask_cluster) as client:
+        finished = client.run_on_scheduler(
+            lambda dask_scheduler: {name: prefix.state_counts["memory"]
+                                    for name, prefix in dask_scheduler.task_prefixes.items()})
+    assert finished == {"score_one": len(list(inbox.iterdir()))}
+    on_dask = _slide_results(out)
+    assert on_dask == _slide_results(tmp_path / "threads") and len(on_dask) == 2
+
+
+def _slide_results(out: Path) -> dict[str, tuple[dict, list]]:
+    """Counts and every object row per slide, for a slide-by-slide comparison."""
+    results = {}
+    for summary_file in sorted((out / "slides").glob("*/summary.json")):
+        summary = json.loads(summary_file.read_text())
+        objects = pd.read_parquet(summary_file.parent / "objects.parquet")
+        rows = objects.drop(columns=[c for c in objects if "time" in c]).round(6)
+        results[summary["slide"]] = (summary["counts"], rows.to_dict("records"))
+    return results

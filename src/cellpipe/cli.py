@@ -251,8 +251,7 @@ def _cmd_flows_run(args: argparse.Namespace) -> None:
 
         training(repo=str(repo))
     else:
-        from flows.scoring import scoring
-
+        scoring = deployments.scoring_flow_for(params, args.dask_address)
         result = scoring(inbox=args.inbox or params.inbox, out=args.out or params.results,
                          url=args.url, protocol=params.protocol,
                          params_file=str(params_file),
@@ -440,6 +439,9 @@ def _add_flows_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("flow", choices=("training", "scoring"))
     run.add_argument("--inbox", help="scoring: inbox (default: flows.inbox)")
     run.add_argument("--out", help="scoring: results folder (default: flows.results)")
+    run.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                     help="scoring: run the per-slide tasks on this running Dask scheduler "
+                          "(default: flows.dask_address, else flows.dask_workers)")
     for command in (serve, run):
         command.add_argument("--repo", type=Path, default=Path("."),
                              help="the cellpipe repository (default: the current folder)")
