@@ -1,6 +1,6 @@
 """Benchmark: ingest + preprocess of the white-cell data set (~12,500 JPEGs).
 
-Goal (issue 2): under 2 minutes on the 2-core reference machine. Extracting the
+Goal: under 2 minutes on the 2-core reference machine. Extracting the
 archive is timed separately: it is not part of the pipeline. Prints a markdown
 table for the README.
 

@@ -3,7 +3,7 @@
 Compares, on the same real test images (the demo's BCCD crops, repeated):
 onnxruntime in-process at batch 64 (the limit here), the local Triton over
 gRPC and HTTP at batch 64 with several concurrent requests, and a naive loop
-that sends one image per request. Goals (issue 5): Triton gRPC ≥ 0.8×
+that sends one image per request. Goals: Triton gRPC ≥ 0.8×
 in-process and ≥ 20× the naive loop. Needs `make demo` (or `dvc repro
 publish`) first. Writes bench/results/serving.{md,json} and prints the table.
 
