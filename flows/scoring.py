@@ -34,9 +34,14 @@ RETRY_DELAYS_S = [2, 10, 30]
 
 
 @task(name="served-model", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
-def served_model(url: str, protocol: str, model_name: str) -> ModelKey:
-    """The model version the server serves now; every slide of this run uses it."""
-    with TritonClassifier(url, protocol=protocol, model_name=model_name) as client:
+def served_model(url: str, protocol: str, model_name: str, params: ScoreParams) -> ModelKey:
+    """The model version the server serves now; every slide of this run uses it.
+
+    Retried by Prefect too: a server that is still loading its models at the start of a
+    scheduled run is worth waiting for.
+    """
+    with TritonClassifier(url, protocol=protocol, model_name=model_name,
+                          timeout_s=params.request_timeout_s, retries=params.retries) as client:
         return ModelKey(model_name, client.pin_served_version())
 
 
@@ -46,15 +51,18 @@ def pending_slides(inbox: str, out: Path) -> list[InboxSlide]:
     return list_inbox(inbox)[1]
 
 
-@task(name="score-slide", retries=2, retry_delay_seconds=RETRY_DELAYS_S,
-      task_run_name="score {slide.name}")
+@task(name="score-slide", task_run_name="score {slide.name}")
 def score_one(slide: InboxSlide, inbox: str, out: Path, url: str, protocol: str,
               model: ModelKey, params: ScoreParams) -> SlideOutcome:
-    """Score one slide (skipped when done, quarantined when unreadable). A Triton error
-    fails the task, so Prefect retries it; the slide's result is written atomically."""
+    """Score one slide (skipped when done, quarantined when anything about it fails).
+
+    A Triton error fails the task after the client's own retries (``score.retries`` ×
+    ``score.request_timeout_s``, the one retry budget); the slide stays pending.
+    """
     fs = inbox_filesystem(inbox)[0]  # the slide is known: no need to list the inbox again
     with TritonClassifier(url, protocol=protocol, model_name=model.name,
-                          model_version=model.version) as client:
+                          model_version=model.version, timeout_s=params.request_timeout_s,
+                          retries=params.retries) as client:
         return score_and_write(fs, slide, out, client, params, model)
 
 
@@ -74,7 +82,7 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     params = load_section(ScoreParams, "score", Path(params_file))
     url = url or _local_server_url(Path(triton_state_dir), protocol)
     results = Path(out)
-    model = served_model(url, protocol, model_name)
+    model = served_model(url, protocol, model_name, params)
     slides = pending_slides(inbox, results)
     futures = score_one.map(slides, inbox=unmapped(inbox), out=unmapped(results),
                             url=unmapped(url), protocol=unmapped(protocol),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger("cellpipe")
 # `cellpipe score --strict`: the batch finished, but some slides were quarantined. Distinct
 # from 1 (the command failed), so a scheduler can tell "look at the quarantine" from "rerun".
 EXIT_QUARANTINED = 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool cut off by `head`
 
 
 class ServerUnreachable(CellpipeError):
@@ -180,7 +182,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.mode:
         params = params.model_copy(update={"mode": args.mode})
     with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
-                          model_name=args.model_name) as client:
+                          model_name=args.model_name, timeout_s=params.request_timeout_s,
+                          retries=params.retries) as client:
         model = ModelKey(args.model_name, client.pin_served_version())
         report = score_inbox(args.inbox, args.out, client, params, model)
     for outcome in report["slides"]:
@@ -265,10 +268,12 @@ def _server_url(args: argparse.Namespace, protocol: str) -> str:
         return args.url
     from cellpipe.serving.server import LocalTriton
 
-    info = LocalTriton(args.state_dir).running()
+    local = LocalTriton(args.state_dir)
+    info = local.running()
     if info is None:
-        raise ServerUnreachable("no local Triton runs (`cellpipe triton start`) and no --url "
-                                "was given")
+        raise ServerUnreachable(f"no --url was given and no local Triton runs (looked for "
+                                f"{local.state_file}; `cellpipe triton start` in the project, "
+                                f"or --state-dir)")
     return info.url(protocol)
 
 
@@ -414,7 +419,7 @@ def _add_score_command(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--url", help="host:port for --protocol (default: the local server)")
     score.add_argument("--model-name", default="cell_classifier",
                        help="published model name (default: %(default)s)")
-    score.add_argument("--state-dir", type=Path, default=Path(".cellpipe/triton"),
+    score.add_argument("--state-dir", type=Path, default=None,
                        help="where `cellpipe triton start` keeps the local server's state")
     score.add_argument("--strict", action="store_true",
                        help=f"exit with status {EXIT_QUARANTINED} when any slide is quarantined "
@@ -466,9 +471,9 @@ def _add_triton_commands(commands: argparse._SubParsersAction) -> None:
                summary: str) -> argparse.ArgumentParser:
         command = actions.add_parser(name, help=summary, description=summary)
         command.set_defaults(handler=handler)
-        command.add_argument("--state-dir", type=Path, default=Path(".cellpipe/triton"),
-                             help="pidfile, ports and log of the local server "
-                                  "(default: %(default)s)")
+        command.add_argument("--state-dir", type=Path, default=None,
+                             help="pidfile, ports and log of the local server (default: "
+                                  ".cellpipe/triton in the project holding the current folder)")
         return command
 
     start = action("start", _cmd_triton_start, "Start the local Triton; wait until ready.")
@@ -537,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CellpipeError as error:
         log.error("%s", error)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`cellpipe … | head`): stop quietly, as Unix tools do, and
+        # point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from cellpipe.fsutil import write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path(".cellpipe/triton")
+STATE_SUBDIR = Path(".cellpipe/triton")
+# What marks a cellpipe project's root: its pipeline, or the state of a server it started.
+_PROJECT_MARKERS = ("dvc.yaml", ".cellpipe")
 HOST = "127.0.0.1"
 
 
@@ -100,10 +102,25 @@ def prepare_backends(target: Path) -> Path:
     return target
 
 
+def default_state_dir(start: Path | None = None) -> Path:
+    """``.cellpipe/triton`` of the project that holds ``start`` (default: the current folder).
+
+    The project is the nearest folder upwards with a ``dvc.yaml`` or a ``.cellpipe``, so a
+    command run from a subfolder finds the server that ``cellpipe triton start`` started
+    at the root; outside any project it is the current folder's.
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).exists() for marker in _PROJECT_MARKERS):
+            return folder / STATE_SUBDIR
+    return here / STATE_SUBDIR
+
+
 class LocalTriton:
     """Start, find and stop the local server whose state lives in ``state_dir``."""
 
-    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        state_dir = (state_dir or default_state_dir()).resolve()
         self.state_dir = state_dir
         self.state_file = state_dir / "server.json"
         self._process: subprocess.Popen | None = None

@@ -61,6 +61,11 @@ class ScoreParams(StageParams):
                                            "cell's box are part of it")
     window: int = Field(4096, ge=256, description="cells mode reads the slide in windows this big")
     overlay_size: int = Field(2048, ge=64, description="longest side of the overlay PNG")
+    # A frozen server holds a batch for at most (retries + 1) × timeout + backoff (~47 s).
+    request_timeout_s: float = Field(15.0, gt=0, description="seconds one Triton request may "
+                                                             "take before it counts as failed")
+    retries: int = Field(2, ge=0, description="retries of a failed Triton request before the "
+                                              "batch stops (the slide stays pending)")
 
 
 @dataclass
