@@ -46,9 +46,9 @@ def served_model(url: str, protocol: str, model_name: str, params: ScoreParams) 
 
 
 @task(name="list-inbox")
-def pending_slides(inbox: str, out: Path) -> list[InboxSlide]:
+def pending_slides(inbox: str, out: Path, params: ScoreParams) -> list[InboxSlide]:
     remove_partial_results(out)
-    return list_inbox(inbox)[1]
+    return list_inbox(inbox, links_out=params.follow_links_out)[1]
 
 
 @task(name="score-slide", task_run_name="score {slide.name}")
@@ -83,7 +83,7 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     url = url or _local_server_url(Path(triton_state_dir), protocol)
     results = Path(out)
     model = served_model(url, protocol, model_name, params)
-    slides = pending_slides(inbox, results)
+    slides = pending_slides(inbox, results, params)
     futures = score_one.map(slides, inbox=unmapped(inbox), out=unmapped(results),
                             url=unmapped(url), protocol=unmapped(protocol),
                             model=unmapped(model), params=unmapped(params))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import logging
 import re
@@ -70,10 +71,12 @@ class ResultsDiskFailed(ScoringStopped):
 
 @dataclass(frozen=True)
 class InboxSlide:
-    """A slide file in the inbox: its fsspec path and its name relative to the inbox."""
+    """A file in the inbox: its fsspec path, its name relative to the inbox, and why it is
+    refused without being read (a hidden file, a link out of the inbox), if it is."""
 
     path: str
     name: str
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,13 @@ class ModelKey:
 # --- the inbox ---------------------------------------------------------------------------
 
 
-def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]:
-    """Every file under ``inbox`` (a folder or an fsspec URL), hidden files excepted.
+def list_inbox(inbox: str, *, links_out: bool = False,
+               ) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]:
+    """Every file under ``inbox`` (a folder or an fsspec URL), in a stable order.
 
     Files of any suffix are listed, so an unsupported one is quarantined with a reason
-    rather than silently ignored.
+    rather than silently ignored. Hidden files, and symbolic links that resolve outside
+    the inbox (unless ``links_out``), are listed as refused, with the reason.
     """
     try:
         fs, root = inbox_filesystem(inbox)
@@ -116,15 +121,31 @@ def list_inbox(inbox: str) -> tuple[fsspec.AbstractFileSystem, list[InboxSlide]]
     if not is_folder:
         raise CellpipeError(f"inbox {redact_url(inbox)} is not a folder")
     root = root.rstrip("/")
+    local = "file" in _protocols(fs)
     slides = []
     for path in found:
         name = path[len(root):].lstrip("/")
-        if any(part.startswith(".") for part in name.split("/")):
-            continue
         if _is_companion(name):
             continue
-        slides.append(InboxSlide(path, name))
+        refused = _hidden(name) or (None if links_out or not local
+                                    else _link_out_of(Path(root), Path(path)))
+        slides.append(InboxSlide(path, name, refused))
     return fs, slides
+
+
+def _hidden(name: str) -> str | None:
+    if any(part.startswith(".") for part in name.split("/")):
+        return "hidden file (a name part starts with '.'): not scored; rename it to score it"
+    return None
+
+
+def _link_out_of(root: Path, path: Path) -> str | None:
+    """Why a file is refused: it is (or lies under) a link that resolves outside the inbox."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return (f"symbolic link to {target}, outside the inbox: not followed "
+            f"(score.follow_links_out: true allows it)")
 
 
 def inbox_filesystem(inbox: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -164,8 +185,16 @@ def result_name(slide: InboxSlide, sha256: str, model: ModelKey) -> str:
 
 
 def _safe_name(name: str) -> str:
-    """A relative slide path as one file name: anything unusual becomes ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    """A relative slide path as one file name, unique per inbox path.
+
+    Anything unusual becomes ``_``; when that changed the name, a hash of the original
+    follows, so ``dup/trunc.jpg`` and ``dup_trunc.jpg`` never share a result or a
+    quarantine record. Plain names stay as they are (and so do their existing results).
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    if safe == name:
+        return safe
+    return f"{safe}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
@@ -176,6 +205,8 @@ def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
     :class:`ScoringStopped` (the server or the results disk failed) is raised instead:
     it is not the slide's fault, and the slide must stay pending for the next run.
     """
+    if slide.refused:
+        return _quarantine(out, slide, slide.refused)
     try:
         return _score_and_write(fs, slide, out, _InFlight(classifier, slide.name), params,
                                 model)
@@ -299,7 +330,7 @@ def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: Scor
     """Score every pending slide of ``inbox`` into ``out``; return the run report."""
     started = utc_now()
     remove_partial_results(out)
-    fs, slides = list_inbox(inbox)
+    fs, slides = list_inbox(inbox, links_out=params.follow_links_out)
     log.info("%d files in %s; results in %s (model %s)", len(slides), redact_url(inbox), out,
              model.tag)
     outcomes = []

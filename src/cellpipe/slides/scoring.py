@@ -66,6 +66,8 @@ class ScoreParams(StageParams):
                                                              "take before it counts as failed")
     retries: int = Field(2, ge=0, description="retries of a failed Triton request before the "
                                               "batch stops (the slide stays pending)")
+    follow_links_out: bool = Field(False, description="score symbolic links that resolve "
+                                                      "outside the inbox (refused by default)")
 
 
 @dataclass
