@@ -17,7 +17,6 @@ import tifffile
 from PIL import Image
 
 from cellpipe.data.geometry import Box
-from cellpipe.errors import CellpipeError
 from cellpipe.slides.batch import ModelKey, score_inbox
 from cellpipe.slides.cells import CellFinderParams, find_cells
 from cellpipe.slides.readers import OpenSlideSlide, SlideUnreadable, TiffSlide, open_slide
@@ -215,18 +214,6 @@ def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
     assert report["totals"] == {"scored": 1, "skipped": 3, "quarantined": 1}
     assert [p.name for p in (out / "quarantine").iterdir()] == ["notes.txt.json"]
-
-
-def test_server_errors_stop_the_batch_without_quarantining(tmp_path: Path) -> None:
-    class Unreachable(ColourRuleClassifier):
-        def classify_images(self, images: np.ndarray) -> np.ndarray:
-            raise CellpipeError("Triton at 127.0.0.1:1 (grpc) failed after 3 retries")
-
-    inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
-    with pytest.raises(CellpipeError, match="failed after 3 retries"):
-        score_inbox(str(inbox), out, Unreachable(), PARAMS, MODEL)
-    assert not (out / "quarantine").exists()
-    assert not any((out / "slides").glob("*")) if (out / "slides").exists() else True
 
 
 def test_a_new_model_version_rescores_and_the_old_results_stay(tmp_path: Path) -> None:

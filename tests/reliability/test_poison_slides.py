@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +108,22 @@ def test_a_full_results_disk_stops_the_batch_and_quarantines_nothing(tmp_path: P
     assert not (out / "quarantine").exists()
 
 
-def test_a_classifier_error_names_the_slide_in_flight_and_stops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", [
+    CellpipeError("Triton at 127.0.0.1:1 (grpc) failed after 3 retries"),
+    TypeError("the server answered something unexpected")])
+def test_a_classifier_error_names_the_slide_in_flight_and_stops(tmp_path: Path,
+                                                               failure: Exception) -> None:
     class Broken(ColourRuleClassifier):
         def classify_images(self, images: np.ndarray) -> np.ndarray:
-            raise TypeError("the server answered something unexpected")
+            raise failure
 
     inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
-    with pytest.raises(CellpipeError, match="slide_00.png"):
+    with pytest.raises(CellpipeError, match=f"{re.escape(str(failure))}.*slide_00.png"):
         score_inbox(str(inbox), out, Broken(), PARAMS, MODEL)
     assert not (out / "quarantine").exists()
+    assert not list((out / "slides").glob("*")) if (out / "slides").exists() else True
     report = json.loads((out / "report.json").read_text())  # the stopped run says why
-    assert "unexpected" in report["stopped"] and report["totals"]["scored"] == 0
+    assert str(failure) in report["stopped"] and report["totals"]["scored"] == 0
 
 
 def test_the_prefect_flow_quarantines_a_poison_slide_and_scores_the_rest(tmp_path: Path,
