@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellpipe.engine.checkpoint import load_model
+from cellpipe.engine.checkpoint import load_checkpoint, load_model
 from cellpipe.engine.data import AugmentParams, build_augment
 from cellpipe.engine.fixmatch import (
     FixMatch,
@@ -152,7 +152,7 @@ def test_fixmatch_resumes_after_a_kill_to_the_same_weights(
     params = _params()
     killed, uninterrupted = train_uninterrupted_and_killed(FixMatch, shards, manifest,
                                                            tmp_path, params, monkeypatch)
-    assert torch.load(killed / "checkpoints" / "round0.pt", weights_only=False)["epoch"] == 2
+    assert load_checkpoint(killed / "checkpoints" / "round0.pt")["epoch"] == 2
     train_stage.run(shards, manifest, killed, killed / "model.pt", params, device="cpu")
     assert_same_classifier(killed, uninterrupted)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cellpipe.engine.checkpoint import load_model
+from cellpipe.engine.checkpoint import load_checkpoint, load_model
 from cellpipe.engine.sgan import SemiSupervisedGan, discriminator_loss, feature_matching_loss
 from cellpipe.errors import InputError
 from cellpipe.gan.nets import Generator
@@ -78,7 +78,7 @@ def test_sgan_generator_trains_and_resumes_with_the_classifier(
     params = _params()
     killed, uninterrupted = train_uninterrupted_and_killed(SemiSupervisedGan, shards, manifest,
                                                            tmp_path, params, monkeypatch)
-    saved = torch.load(killed / "checkpoints" / "round0.pt", weights_only=False)
+    saved = load_checkpoint(killed / "checkpoints" / "round0.pt")
     assert saved["epoch"] == 2
     torch.manual_seed(params.sgan.seed)  # how the objective builds its generator
     initial = Generator(1, 32, z_dim=16, channels=8).state_dict()

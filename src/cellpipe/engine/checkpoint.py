@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,43 @@ def save_reproducibly(path: Path, payload: object) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
+# Numeric numpy arrays (predictions, numpy's RNG state) rebuild from these alone; an
+# object array would still need its elements' classes, which stay refused.
+_PLAIN_NUMPY = [np.core.multiarray._reconstruct, np.ndarray, np.dtype,
+                *(type(np.dtype(kind)) for kind in "?bBhHiIlLqQefdgFDG")]
+
+
+class UnsafeCheckpoint(InputError):
+    """A checkpoint holds pickled Python objects, which could run code when loaded."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload, unpickled with ``weights_only=True``.
+
+    cellpipe writes only tensors, numeric numpy arrays and plain data (dicts, lists,
+    strings, numbers), so the restricted unpickler reads every checkpoint it made;
+    anything else, e.g. a crafted file whose pickle would run code on load, is refused
+    with the reason.
+    """
+    try:
+        with torch.serialization.safe_globals(_PLAIN_NUMPY):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = [line.strip() for line in str(error).splitlines()
+                   if "GLOBAL" in line or "but got" in line]
+        raise UnsafeCheckpoint(f"refusing to load {path}: it holds Python objects other than "
+                               f"tensors and plain data, which could run code when loaded"
+                               + (f" ({refused[0].split('. ')[0]})" if refused else "")) from None
+    if not isinstance(payload, dict):
+        raise InputError(f"{path} is not a cellpipe checkpoint (a {type(payload).__name__})")
+    return payload
+
+
 def load_model(path: Path) -> TrainedModel:
     """Rebuild the classifier (in eval mode) from a checkpoint written by :func:`save_model`."""
     if not path.is_file():
         raise InputError(f"no trained model at {path} (run the train stage first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {payload.get('format')}, "
                          f"expected {CHECKPOINT_FORMAT}")
@@ -116,7 +149,7 @@ def load_run_state(path: Path, fingerprint: str) -> dict | None:
     """The saved state if it belongs to this exact run (same params and data), else None."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if state.get("fingerprint") != fingerprint:
         log.info("ignoring %s: it belongs to other params, data or code", path)
         return None
