@@ -14,6 +14,7 @@ skipped silently.
 
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -67,12 +68,21 @@ class Rejection:
     reason: str
 
 
+HIDDEN_REASON = "hidden file (a name part starts with '.'): not ingested; rename it to use it"
+
+
 @dataclass
 class Discovery:
-    """What a layout found: usable items, rejections, and the class list it implies."""
+    """What a layout found: usable items, rejections, and the class list it implies.
+
+    Hidden files are listed with their reason too, apart from the rejections: a folder
+    copied from a Mac holds a ``.DS_Store`` in every class folder, and those are not
+    inputs that failed (they do not count towards ``ingest.max_rejected_fraction``).
+    """
 
     items: list[SourceItem] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    hidden: list[Rejection] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # folders outside the layout, logged
 
 
@@ -87,26 +97,36 @@ def detect_layout(root: Path) -> Layout:
 
 
 def discover(root: Path, layout: Layout, *, classes: Sequence[str],
-             group_pattern: str | None = None) -> Discovery:
-    """Walk ``root`` according to ``layout`` (``auto`` detects it)."""
+             group_pattern: str | None = None, links_out: bool = False) -> Discovery:
+    """Walk ``root`` according to ``layout`` (``auto`` detects it).
+
+    Files behind symbolic links that resolve outside ``root`` are rejected unless
+    ``links_out``; hidden files are listed in :attr:`Discovery.hidden`.
+    """
     if not root.is_dir():
         raise InputError(f"source folder not found: {root}")
     if layout == "auto":
         layout = detect_layout(root)
     grouping = _Grouping(group_pattern)
+    walk = _Walk(root, links_out)
     if layout == "class_folders":
-        return _discover_class_folders(root, grouping)
-    if layout == "filename_labels":
-        return _discover_filename_labels(root, classes, grouping)
-    if layout == "voc":
-        return _discover_voc(root)
-    raise ValueError(f"unknown layout {layout!r}; valid: auto, class_folders, filename_labels, voc")
+        found = _discover_class_folders(root, grouping, walk)
+    elif layout == "filename_labels":
+        found = _discover_filename_labels(root, classes, grouping, walk)
+    elif layout == "voc":
+        found = _discover_voc(root, walk)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; valid: auto, class_folders, "
+                         f"filename_labels, voc")
+    found.rejections[:0] = walk.refused_links
+    found.hidden = _hidden_files(root)
+    return found
 
 
 # --- class folders ---------------------------------------------------------------------
 
 
-def _discover_class_folders(root: Path, grouping: _Grouping) -> Discovery:
+def _discover_class_folders(root: Path, grouping: _Grouping, walk: _Walk) -> Discovery:
     found = Discovery()
     top = _visible_dirs(root)
     split_dirs = [d for d in top if d.name.lower() in SPLIT_FOLDER_NAMES]
@@ -114,16 +134,16 @@ def _discover_class_folders(root: Path, grouping: _Grouping) -> Discovery:
         found.ignored = [d.name for d in top if d not in split_dirs]
         for split_dir in split_dirs:
             split = SPLIT_FOLDER_NAMES[split_dir.name.lower()]
-            _add_class_dirs(root, split_dir, split, grouping, found)
+            _add_class_dirs(root, split_dir, split, grouping, found, walk)
     else:
-        _add_class_dirs(root, root, None, grouping, found)
+        _add_class_dirs(root, root, None, grouping, found, walk)
     return found
 
 
 def _add_class_dirs(root: Path, parent: Path, split: str | None, grouping: _Grouping,
-                    found: Discovery) -> None:
+                    found: Discovery, walk: _Walk) -> None:
     for class_dir in _visible_dirs(parent):
-        for file in _visible_files(class_dir):
+        for file in walk.files(class_dir):
             relative = file.relative_to(root).as_posix()
             if not _is_image(file):
                 found.rejections.append(_unsupported(relative, file))
@@ -134,14 +154,15 @@ def _add_class_dirs(root: Path, parent: Path, split: str | None, grouping: _Grou
 # --- labels in file names ----------------------------------------------------------------
 
 
-def _discover_filename_labels(root: Path, classes: Sequence[str], grouping: _Grouping) -> Discovery:
+def _discover_filename_labels(root: Path, classes: Sequence[str], grouping: _Grouping,
+                              walk: _Walk) -> Discovery:
     found = Discovery()
     folders = {d.name.lower(): d for d in _visible_dirs(root)}
     found.ignored = [name for name in folders if name not in FILENAME_LABEL_FOLDERS]
     for name, split in FILENAME_LABEL_FOLDERS.items():
         if name not in folders:
             continue
-        for file in _visible_files(folders[name]):
+        for file in walk.files(folders[name]):
             relative = file.relative_to(root).as_posix()
             if not _is_image(file):
                 found.rejections.append(_unsupported(relative, file))
@@ -169,13 +190,15 @@ def _class_from_index(index: int, classes: Sequence[str]) -> str:
 # --- VOC-annotated slides ----------------------------------------------------------------
 
 
-def _discover_voc(root: Path) -> Discovery:
+def _discover_voc(root: Path, walk: _Walk) -> Discovery:
     found = Discovery()
     images_dir, annotations_dir = _child(root, "JPEGImages"), _child(root, "Annotations")
     given_splits = _voc_image_sets(root)
-    images = {f.stem: f for f in _visible_files(images_dir) if _is_image(f)}
-    for file in _visible_files(images_dir):
-        if not _is_image(file):
+    images = {}
+    for file in walk.files(images_dir):
+        if _is_image(file):
+            images[file.stem] = file
+        else:
             found.rejections.append(_unsupported(file.relative_to(root).as_posix(), file))
     annotated: set[str] = set()
     for xml_file in sorted(annotations_dir.glob("*.xml")):
@@ -255,16 +278,50 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _visible_files(folder: Path) -> Iterator[Path]:
-    """Files below ``folder`` (recursively), hidden ones excluded, in a stable order.
+class _Walk:
+    """Files below a folder, in a stable order, hidden ones and links out of the source
+    left out; the links it refused are kept, with the reason, for the rejected list."""
 
-    Broken symlinks are included: they are inputs that cannot be read and must
-    show up in the rejected list.
-    """
-    for path in sorted(folder.rglob("*")):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        yield path
+    def __init__(self, root: Path, links_out: bool) -> None:
+        self.root, self.resolved_root, self.links_out = root, root.resolve(), links_out
+        self.refused_links: list[Rejection] = []
+
+    def files(self, folder: Path) -> Iterator[Path]:
+        """Broken symlinks are included: inputs that cannot be read must be rejected."""
+        found = []
+        for current, folders, names in os.walk(folder, followlinks=self.links_out):
+            here = Path(current)
+            for name in list(folders):
+                if self._refuse(here / name):
+                    folders.remove(name)  # a linked folder out of the source: not entered
+            found += [here / name for name in names]
+        for path in sorted(found):
+            if not _is_hidden(path.relative_to(self.root)) and not self._refuse(path):
+                yield path
+
+    def _refuse(self, path: Path) -> bool:
+        """Record ``path`` as refused when it resolves outside the source folder."""
+        if self.links_out:
+            return False
+        target = path.resolve()
+        if target.is_relative_to(self.resolved_root):
+            return False
+        self.refused_links.append(Rejection(
+            path.relative_to(self.root).as_posix(),
+            f"symbolic link to {target}, outside the source folder: not followed "
+            f"(ingest.follow_links_out: true allows it, e.g. for DVC's symlink cache)"))
+        return True
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _hidden_files(root: Path) -> list[Rejection]:
+    """Every hidden file below ``root`` (or below a hidden folder), with the reason."""
+    return [Rejection(path.relative_to(root).as_posix(), HIDDEN_REASON)
+            for path in sorted(root.rglob("*"))
+            if _is_hidden(path.relative_to(root)) and not path.is_dir()]
 
 
 def _is_image(file: Path) -> bool:

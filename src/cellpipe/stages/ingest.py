@@ -71,6 +71,8 @@ class IngestParams(StageParams):
     min_image_size: int = Field(16, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     max_rejected_fraction: float = Field(0.05, ge=0, le=1)
+    follow_links_out: bool = Field(False, description="ingest files behind symbolic links "
+                                                      "that resolve outside the source folder")
     voc: VocParams = VocParams()
     split: SplitParams = SplitParams()
 
@@ -89,12 +91,15 @@ class IngestResult:
     rejections: list[Rejection]
     duplicates: pd.DataFrame
     metrics: dict = field(default_factory=dict)
+    hidden: list[Rejection] = field(default_factory=list)  # listed, but not failed inputs
 
 
 def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestResult:
     """Build the manifest of ``source``; raises StageFailed above the rejected fraction."""
     found = discover(source, params.layout, classes=params.classes,
-                     group_pattern=params.group_pattern)
+                     group_pattern=params.group_pattern, links_out=params.follow_links_out)
+    if found.hidden:
+        log.info("%d hidden files not ingested (listed in rejected.csv)", len(found.hidden))
     if found.ignored:
         log.warning("ignored folders outside the layout: %s", ", ".join(found.ignored))
     log.info("found %d files (%d rejected before decoding)",
@@ -110,7 +115,7 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
     rejections += duplicate_rejections
     manifest = Manifest(conform(rows.drop(columns="group")), classes)
     metrics = _metrics(manifest, rejections, duplicates)
-    return IngestResult(manifest, rejections, duplicates, metrics)
+    return IngestResult(manifest, rejections, duplicates, metrics, hidden=found.hidden)
 
 
 def check_rejected_fraction(result: IngestResult, limit: float) -> None:
@@ -137,7 +142,7 @@ def run(source: Path, out: Path, params: IngestParams, *, workers: int) -> Inges
     The rejected list is written before failing so that the user can read why.
     """
     result = ingest(source, params, workers=workers)
-    write_rejections(result.rejections, out / "rejected.csv")
+    write_rejections([*result.rejections, *result.hidden], out / "rejected.csv")
     log.info("%d rows in the manifest, %d inputs rejected (%.2f%%), %d duplicate files",
              result.metrics["rows"], result.metrics["rejected"],
              100 * result.metrics["rejected_fraction"], result.metrics["duplicate_files"])
