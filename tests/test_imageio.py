@@ -123,9 +123,12 @@ def test_non_image_with_image_suffix(tmp_path: Path) -> None:
     (tmp_path / "notes.jpg").write_text("these are lab notes, not a picture")
     with pytest.raises(ImageRejected, match="not a recognised image"):
         probe_image(tmp_path / "notes.jpg", LIMITS)
-    (tmp_path / "notes.tif").write_text("not a tiff either")
-    with pytest.raises(ImageRejected, match="not a readable TIFF"):
+    (tmp_path / "notes.tif").write_text("not a tiff either")  # the content decides
+    with pytest.raises(ImageRejected, match="not a recognised image"):
         probe_image(tmp_path / "notes.tif", LIMITS)
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 a TIFF header, then nothing")
+    with pytest.raises(ImageRejected, match="not a readable TIFF|TIFF has no image pages"):
+        probe_image(tmp_path / "broken.tif", LIMITS)
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif"])

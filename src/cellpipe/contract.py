@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cellpipe.data.imageio import ImageLimits, decode_rgb
+from cellpipe.data.imageio import decode_rgb
 from cellpipe.data.transforms import fit_square
 
 
@@ -81,8 +81,7 @@ def encoded_to_model_input(encoded: Sequence[bytes], contract: ModelContract) ->
     Decode, fit and normalise exactly as the training data went: Triton's
     preprocess model and the file-scoring client both call this.
     """
-    # Any size is served: a crop smaller than ingest's minimum is still a cell.
-    limits = ImageLimits(min_side=1)
-    fitted = [fit_to_contract(decode_rgb(blob, scaling=contract.bit_depth_scaling,
-                                         limits=limits), contract) for blob in encoded]
+    # The image rules of training (imageio's, default limits) apply to served files too.
+    fitted = [fit_to_contract(decode_rgb(blob, scaling=contract.bit_depth_scaling), contract)
+              for blob in encoded]
     return to_model_input(np.stack(fitted), contract)

@@ -1,9 +1,17 @@
 """Decode every supported microscopy image kind into RGB uint8 arrays.
 
-This is the one decoder of the project: ingest validates files with it,
-preprocess reads pixels through it, and slide scoring will too, so training and
-serving see the same pixels. TIFF goes through tifffile (8/16-bit, float,
-grayscale, RGB, RGBA, planar, multi-page); everything else through Pillow.
+This is the one decoder of the project, and its rules are the one rule set for what an
+image is: ingest validates files with it, preprocess reads pixels through it, slide
+scoring reads camera fields through it, and the Triton preprocess model and
+``cellpipe triton classify`` decode the bytes they are sent with it. So training and
+serving see the same pixels and refuse the same files:
+
+* the format is sniffed from the content, never the suffix: TIFF (tifffile: 8/16-bit,
+  float, grayscale, RGB, RGBA, planar, multi-page), and PNG, JPEG, BMP (Pillow);
+  anything else (GIF, WebP…) is refused, as is an animated (multi-frame) image;
+* :class:`ImageLimits` bounds the size (shortest side, pixels per page);
+* EXIF orientation is applied, so a phone or camera picture is upright.
+
 Problems with a file are raised as :class:`ImageRejected`, whose message is the
 reason written to the rejected list.
 """
@@ -18,10 +26,12 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+# Pillow's names of the formats it decodes for us (TIFF is tifffile's).
+PILLOW_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
 
 BitDepthScaling = Literal["percentile", "dtype"]
 # First bytes of classic and BigTIFF files, little- and big-endian.
@@ -29,6 +39,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Percentiles for the "percentile" scaling: microscopy cameras often fill only 12
 # of 16 bits, so scaling by the dtype's range would give nearly black images.
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageRejected(Exception):
@@ -53,7 +64,12 @@ class PageInfo:
 
 
 def is_tiff(path: Path) -> bool:
-    return path.suffix.lower() in TIFF_SUFFIXES
+    """Whether the file's first bytes are a TIFF header (classic or BigTIFF)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
 
 
 def probe_image(
@@ -159,13 +175,33 @@ def _open_pillow(path: Path | BinaryIO, limits: ImageLimits) -> Image.Image:
         raise ImageRejected("not a recognised image (unknown or corrupt header)") from error
     except OSError as error:
         raise ImageRejected(f"cannot open image: {error}") from error
-    _check_size(*image.size, limits)
+    if image.format not in PILLOW_FORMATS:
+        image.close()
+        raise ImageRejected(f"unsupported image format {image.format or 'unknown'} "
+                            f"(supported: {', '.join(sorted(PILLOW_FORMATS | {'TIFF'}))})")
+    if getattr(image, "n_frames", 1) > 1:
+        image.close()
+        raise ImageRejected(f"animated {image.format} with {image.n_frames} frames: "
+                            f"one still image is expected")
+    _check_size(*_upright_size(image), limits)
     return image
 
 
-def _decode_pillow(image: Image.Image) -> None:
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied (5–8 swap the sides)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):  # a cut-off file: the decode will say so
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _decode_pillow(image: Image.Image) -> Image.Image:
+    """The decoded image, turned upright by its EXIF orientation."""
     try:
         image.load()
+        return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as error:
         # Pillow raises OSError("image file is truncated ...") for cut-off files and
         # SyntaxError/ValueError for some broken headers it only notices on decode.
@@ -174,18 +210,17 @@ def _decode_pillow(image: Image.Image) -> None:
 
 def _probe_pillow(path: Path, limits: ImageLimits) -> PageInfo:
     with _open_pillow(path, limits) as image:
-        _decode_pillow(image)
-        return PageInfo(0, *image.size)
+        return PageInfo(0, *_decode_pillow(image).size)
 
 
 def _read_pillow(path: Path | BinaryIO, scaling: BitDepthScaling,
                  limits: ImageLimits) -> np.ndarray:
     with _open_pillow(path, limits) as image:
-        _decode_pillow(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        upright = _decode_pillow(image)
+        if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float PNGs: Pillow's convert("RGB") would clip, not rescale.
-            return to_rgb_uint8(np.asarray(image), scaling)
-        return np.asarray(image.convert("RGB"))
+            return to_rgb_uint8(np.asarray(upright), scaling)
+        return np.asarray(upright.convert("RGB"))
 
 
 def usable_tiff_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:

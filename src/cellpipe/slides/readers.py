@@ -27,6 +27,7 @@ from cellpipe.data.imageio import (
     BitDepthScaling,
     ImageLimits,
     ImageRejected,
+    is_tiff,
     read_rgb,
     to_rgb_uint8,
     usable_tiff_pages,
@@ -123,13 +124,20 @@ class PillowSlide(SlideReader):
         return self._rgb[box.y0:box.y1, box.x0:box.x1]
 
 
+# A tiled TIFF is read tile by tile, so it may be far larger than an image decoded whole
+# (ImageLimits.max_pixels): up to a whole-slide scan at 40x (~10^10 px), with room.
+MAX_TILED_PIXELS = 10**11
+
+
 class TiffSlide(SlideReader):
     """TIFF through tifffile; regions read lazily through its zarr store."""
 
-    def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile") -> None:
+    def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile",
+                 limits: ImageLimits | None = None) -> None:
         self.path, self._scaling = path, scaling
         try:
             self._tif = tifffile.TiffFile(path)
+            _check_tiff_size(self._tif, limits or ImageLimits())
             series = self._tif.series[0]
             if len(series.levels) > 1:  # a pyramid: one field, several resolutions
                 store = zarr.open(series.aszarr(), mode="r")  # a group: one array per level
@@ -221,11 +229,15 @@ class OpenSlideSlide(SlideReader):
         self._slide.close()
 
 
-def open_slide(path: Path, *, scaling: BitDepthScaling = "percentile") -> SlideReader:
-    """The reader for ``path``, chosen by its content where the suffix is ambiguous.
+def open_slide(path: Path, *, scaling: BitDepthScaling = "percentile",
+               limits: ImageLimits | None = None) -> SlideReader:
+    """The reader for ``path``, chosen by its content, not its suffix.
 
-    A ``.tif`` that OpenSlide recognises as a vendor format (Aperio, Philips, Ventana…)
-    goes to OpenSlide; other TIFFs to tifffile, which also reads 16-bit and multi-page.
+    A TIFF that OpenSlide recognises as a vendor format (Aperio, Philips, Ventana…) goes to
+    OpenSlide; other TIFFs to tifffile, which also reads 16-bit and multi-page; other
+    vendor formats (.svs, .ndpi, .mrxs…) to OpenSlide; and the rest to Pillow, which
+    applies the image rules of :mod:`cellpipe.data.imageio` (so a JPEG named ``.tif`` is
+    read as the JPEG it is, and a GIF named ``.png`` is refused).
     """
     suffix = path.suffix.lower()
     if suffix not in SLIDE_SUFFIXES:
@@ -233,11 +245,13 @@ def open_slide(path: Path, *, scaling: BitDepthScaling = "percentile") -> SlideR
                               f"(supported: {', '.join(sorted(SLIDE_SUFFIXES))})")
     if not path.is_file():
         raise SlideUnreadable(f"no such file: {path}")
-    if suffix in PILLOW_SUFFIXES:
-        return PillowSlide(path, scaling=scaling)
-    if suffix in TIFF_SUFFIXES and _openslide_vendor(path) in (None, "generic-tiff"):
-        return TiffSlide(path, scaling=scaling)
-    return OpenSlideSlide(path)
+    if is_tiff(path):
+        if _openslide_vendor(path) in (None, "generic-tiff"):
+            return TiffSlide(path, scaling=scaling, limits=limits)
+        return OpenSlideSlide(path)
+    if suffix in OPENSLIDE_SUFFIXES - TIFF_SUFFIXES:
+        return OpenSlideSlide(path)
+    return PillowSlide(path, scaling=scaling, limits=limits)
 
 
 def _openslide_vendor(path: Path) -> str | None:
@@ -247,6 +261,21 @@ def _openslide_vendor(path: Path) -> str | None:
         return openslide.OpenSlide.detect_format(str(path))
     except (openslide.OpenSlideError, OSError):
         return None
+
+
+def _check_tiff_size(tif: tifffile.TiffFile, limits: ImageLimits) -> None:
+    """The image rules' size bounds, before any pixel is decoded: the shortest side, and
+    the pixel limit for pages decoded in strips (tiled pages may be slide-sized)."""
+    for page in usable_tiff_pages(tif):
+        width, height = page.imagewidth, page.imagelength
+        if min(width, height) < limits.min_side:
+            raise SlideUnreadable(f"{width}x{height} is smaller than the minimum side of "
+                                  f"{limits.min_side} px")
+        limit = MAX_TILED_PIXELS if page.is_tiled else limits.max_pixels
+        if width * height > limit:
+            kind = "tiled" if page.is_tiled else "untiled (decoded in strips)"
+            raise SlideUnreadable(f"{width}x{height} = {width * height:,} pixels exceeds the "
+                                  f"limit of {limit:,} for a {kind} TIFF page")
 
 
 def _is_planar(array: zarr.Array) -> bool:
