@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from cellpipe.contract import ModelContract, to_model_input
@@ -89,11 +90,66 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels[labels >= 0], minlength=num_classes)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every pass under DDP: rank ``rank`` of ``world_size``.
+
+    ``seed`` orders the passes; with the epoch number (``set_epoch``) it decides each
+    one, so every rank draws the same order and a resumed run replays it.
+    """
+
+    rank: int
+    world_size: int
+    seed: int = 0
+
+
+class BalancedDistributedSampler(DistributedSampler):
+    """This rank's share of a class-balanced draw (the DDP form of the balanced loader).
+
+    Every rank draws the same ``len(labels)`` indices (rounded up to a multiple of the
+    world size) with replacement, each class equally likely as WeightedRandomSampler
+    draws them, from a generator seeded with ``seed + epoch``; rank r keeps every
+    world-size-th index from r. Call ``set_epoch`` before each pass.
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int, shard: Shard) -> None:
+        super().__init__(labels, num_replicas=shard.world_size, rank=shard.rank,
+                         shuffle=True, seed=shard.seed)
+        counts = class_counts(labels, num_classes).astype(np.float64)
+        self.weights = torch.as_tensor(1.0 / np.maximum(counts, 1)[labels])
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True,
+                                  generator=generator).tolist()
+        return iter(drawn[self.rank:self.total_size:self.num_replicas])
+
+
+def shard_sampler(dataset: Dataset, labels: np.ndarray, num_classes: int, shard: Shard, *,
+                  shuffle: bool, balanced: bool) -> DistributedSampler:
+    """The sampler of ``shard``: balanced, shuffled, or in order (validation) and padded."""
+    if balanced:
+        return BalancedDistributedSampler(labels, num_classes, shard)
+    # Without shuffling, rank r reads rows r, r + N, ... and the last pass is padded
+    # with the first rows: see cellpipe.engine.distributed.gather_in_order.
+    return DistributedSampler(dataset, num_replicas=shard.world_size, rank=shard.rank,
+                              shuffle=shuffle, seed=shard.seed, drop_last=False)
+
+
 def make_loader(dataset: Dataset, labels: np.ndarray, *, batch_size: int, num_classes: int,
                 shuffle: bool = False, balanced: bool = False,
                 generator: torch.Generator | None = None, collate_fn=None,
-                workers: int = 0) -> DataLoader:
-    """A loader; ``balanced`` draws every class equally often (with replacement)."""
+                workers: int = 0, shard: Shard | None = None) -> DataLoader:
+    """A loader; ``balanced`` draws every class equally often (with replacement).
+
+    With a ``shard`` (DDP) it reads only this rank's share of each pass, through a
+    DistributedSampler: call ``set_epoch`` on ``loader.sampler`` before each pass.
+    """
+    if shard is not None:
+        sampler = shard_sampler(dataset, labels, num_classes, shard, shuffle=shuffle,
+                                balanced=balanced)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          generator=generator, num_workers=workers, collate_fn=collate_fn)
     sampler = None
     if balanced:
         counts = class_counts(labels, num_classes).astype(np.float64)
@@ -103,6 +159,12 @@ def make_loader(dataset: Dataset, labels: np.ndarray, *, batch_size: int, num_cl
         shuffle = False
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                       generator=generator, num_workers=workers, collate_fn=collate_fn)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a sharded (DDP) loader which pass comes next; plain loaders need nothing."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
 
 
 def image_loader(dataset: ImageDataset, contract: ModelContract, *, batch_size: int,

@@ -8,6 +8,11 @@ is validated (macro-F1), the best weights are kept, a phase stops early after
 ``patience`` epochs without improvement, and the whole state (weights, optimiser,
 scheduler, RNGs, history) is checkpointed atomically so a killed run resumes
 at the next epoch and ends exactly as an uninterrupted one.
+
+Under ``torchrun`` the same loop runs on every rank (see engine/distributed.py):
+the module that trains is wrapped in DistributedDataParallel, each rank reads its
+shard of every epoch, validation is sharded and gathered so that every rank sees
+the same scores and stops at the same epoch, and rank 0 alone writes the run state.
 """
 
 from __future__ import annotations
@@ -25,16 +30,20 @@ import torch
 from pydantic import Field
 from sklearn.metrics import f1_score
 from torch import nn
+from torch.utils.data import DataLoader
 
 from cellpipe.contract import ModelContract
+from cellpipe.engine import distributed
 from cellpipe.engine.checkpoint import load_run_state, restore_rng, rng_state, save_run_state
 from cellpipe.engine.data import (
     AugmentParams,
     ImageDataset,
+    Shard,
     build_augment,
     class_counts,
     feature_loader,
     image_loader,
+    set_epoch,
 )
 from cellpipe.engine.loop import (
     Device,
@@ -100,14 +109,29 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
     """Train ``model`` in place through ``params.phases``; resume from ``checkpoint``.
 
     ``objective`` is what each epoch optimises (supervised cross-entropy unless given,
-    e.g. the semi-supervised GAN's); everything else is this one loop.
+    e.g. the semi-supervised GAN's); everything else is this one loop. Under
+    ``torchrun`` (an initialised process group) every rank calls it alike, and
+    ``params.batch_size`` is the batch of all ranks together.
     """
     objective = objective or Objective()
     if len(val) == 0:
         raise CellpipeError("training needs a non-empty 'val' split for early stopping")
     generator = seed_everything(params.seed)
+    shard = None
+    if distributed.is_distributed():
+        shard = _shard(objective, params, tag)
+        # Each rank draws its own augmentations and dropout masks: one stream on every
+        # rank would transform the i-th image of each rank's batch alike. The loader
+        # generator seeded above stays the same on every rank.
+        seed_everything(params.seed + shard.rank)
+        # Another number of processes shards and batches the data otherwise: its saved
+        # state cannot continue this run.
+        fingerprint = f"{fingerprint}:world{shard.world_size}"
     model = device.prepare(model)
-    state = load_run_state(checkpoint, fingerprint)
+    # Rank 0 reads the run state and every rank continues from it: the same weights,
+    # optimiser and history everywhere, even where other hosts cannot see rank 0's disk.
+    state = distributed.broadcast_object(
+        load_run_state(checkpoint, fingerprint) if distributed.is_main() else None)
     resuming = state is not None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -125,12 +149,12 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         # RNG states are restored where they were saved, so that building the loaders
         # (which draws seeds) replays exactly as in an uninterrupted run.
         if resuming and state["epoch"] == 0:
-            restore_rng(state["rng"], generator)
+            _restore_rng(state["rng"], generator)
             resuming = False
         _set_trainable(model, phase)
         cached = phase.trainable == "head" and params.cache_frozen_features
         module, train_batches, val_batches = _phase_data(model, cached, train, val, contract,
-                                                         params, device, generator)
+                                                         params, device, generator, shard)
         trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=params.weight_decay)
         total_steps = phase.epochs * objective.steps_per_epoch(model, module, train_batches)
@@ -139,36 +163,90 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         if resuming:  # inside this phase
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            restore_rng(state["rng"], generator)
+            _restore_rng(state["rng"], generator)
             resuming = False
+        # Wrapped only now: DDP synchronises the parameters that require gradients when
+        # it is built, and _set_trainable has just chosen them for this phase.
+        trained = distributed.wrap(module, device.torch_device)
         while state["epoch"] < phase.epochs and state["stale"] < params.early_stopping_patience:
             started = time.perf_counter()
             _train_mode(model, module, phase, pretrained and params.freeze_pretrained_bn)
             desc = f"{tag}phase {index + 1}/{len(params.phases)} epoch {state['epoch'] + 1}"
-            train_loss = objective.train_epoch(Epoch(model, module, train_batches, optimizer,
+            set_epoch(train_batches, len(state["history"]))
+            train_loss = objective.train_epoch(Epoch(model, trained, train_batches, optimizer,
                                                      scheduler, loss_fn, device, generator,
                                                      desc))
-            logits, labels = predict(module, val_batches, device, desc="validate")
+            train_loss = distributed.mean(train_loss)  # every rank records the same history
+            logits, labels = _validate(trained, val_batches, len(val), device)
             record = _epoch_record(state, index, phase, train_loss, logits, labels,
                                    optimizer, time.perf_counter() - started, cached)
             state["history"].append(record)
             _keep_if_best(state, model, record["val_macro_f1"], logits.argmax(1))
             state["epoch"] += 1
             state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=rng_state(generator),
+                         scheduler=scheduler.state_dict(), rng=_rng_state(generator),
                          objective=objective.state_dict())
-            save_run_state(checkpoint, state, fingerprint)
+            _save(checkpoint, state, fingerprint)
             # Logged after saving: an epoch in the log is an epoch a rerun will not repeat.
             log.info("%s: loss %.4f, val macro-F1 %.4f, val accuracy %.4f (%.1f s)", desc,
                      train_loss, record["val_macro_f1"], record["val_accuracy"],
                      record["seconds"])
+        del trained  # its gradient hooks must not outlive the phase they were built for
         # The next phase starts from the best weights so far, not the last ones.
         model.load_state_dict(state["best_state"])
         state.update(phase=index + 1, epoch=0, stale=0, model=model.state_dict(),
-                     rng=rng_state(generator))
-        save_run_state(checkpoint, state, fingerprint)
+                     rng=_rng_state(generator))
+        _save(checkpoint, state, fingerprint)
     return FitResult(state["best_score"], state["best_state"], state["history"],
                      state["best_val_predictions"])
+
+
+# --- ranks (torchrun) ----------------------------------------------------------------------
+
+
+def _shard(objective: Objective, params: FitParams, tag: str) -> Shard:
+    """This rank's share of the data; refuses what would not train alike on every rank."""
+    ranks = distributed.world_size()
+    if not objective.supports_distributed():
+        raise CellpipeError(f"{type(objective).__name__} does not train under torchrun yet: "
+                            "run this method as a single process")
+    if params.batch_size % ranks:
+        raise CellpipeError(f"train.batch_size {params.batch_size} is the batch of all "
+                            f"{ranks} processes together: make it a multiple of {ranks}")
+    log.info("%sdistributed: %d processes, %d images each per step (batch %d)", tag, ranks,
+             params.batch_size // ranks, params.batch_size)
+    return Shard(distributed.rank(), ranks, params.seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict | list[dict]:
+    """The random states to checkpoint: this process's, or under DDP every rank's in
+    rank order (each rank draws its own augmentations; a resumed rank takes its own)."""
+    if distributed.is_distributed():
+        return distributed.all_gather_object(rng_state(generator))
+    return rng_state(generator)
+
+
+def _restore_rng(saved: dict | list[dict], generator: torch.Generator) -> None:
+    """Put back what :func:`_rng_state` saved (this rank's entry under DDP)."""
+    restore_rng(saved[distributed.rank()] if isinstance(saved, list) else saved, generator)
+
+
+def _save(checkpoint: Path, state: dict, fingerprint: str) -> None:
+    """Rank 0 writes the run state; the other ranks wait until it is on disk."""
+    if distributed.is_main():
+        save_run_state(checkpoint, state, fingerprint)
+    distributed.barrier()
+
+
+def _validate(trained: nn.Module, batches: DataLoader, total: int, device: Device
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Val logits and labels in dataset order; under DDP each rank predicts its shard and
+    all ranks gather the whole, so every rank scores alike and stops at the same epoch."""
+    # BatchNorm statistics first: each rank's followed its own shard of the epoch.
+    distributed.average_batchnorm_stats(trained)
+    logits, labels = predict(distributed.unwrap(trained), batches, device, desc="validate")
+    return (distributed.gather_in_order(logits, total),
+            distributed.gather_in_order(labels, total))
 
 
 # --- phases --------------------------------------------------------------------------------
@@ -207,10 +285,16 @@ def _train_mode(model: Classifier, module: nn.Module, phase: PhaseParams,
 
 def _phase_data(model: Classifier, cached: bool, train: ImageDataset, val: ImageDataset,
                 contract: ModelContract, params: FitParams, device: Device,
-                generator: torch.Generator):
-    """The module to train and its train/val loaders: images, or cached features."""
+                generator: torch.Generator, shard: Shard | None = None):
+    """The module to train and its train/val loaders: images, or cached features.
+
+    With a ``shard`` (DDP) both loaders read this rank's share, and a training batch
+    is this rank's part of ``params.batch_size``. Frozen features are still computed
+    for every image on every rank: one forward pass, and no gathering to get wrong.
+    """
     balanced = params.balance == "sampler"
     num_classes = len(contract.class_names)
+    batch_size = params.batch_size // (shard.world_size if shard else 1)
     plain_train = ImageDataset(train.images, train.labels)
     if cached:
         train_features = extract_features(model.backbone, image_loader(
@@ -218,16 +302,17 @@ def _phase_data(model: Classifier, cached: bool, train: ImageDataset, val: Image
         val_features = extract_features(model.backbone, image_loader(
             val, contract, batch_size=params.batch_size), device)
         return (model.head,
-                feature_loader(*train_features, batch_size=params.batch_size, shuffle=True,
-                               balanced=balanced, num_classes=num_classes, generator=generator),
+                feature_loader(*train_features, batch_size=batch_size, shuffle=True,
+                               balanced=balanced, num_classes=num_classes, generator=generator,
+                               shard=shard),
                 feature_loader(*val_features, batch_size=params.batch_size,
-                               num_classes=num_classes))
+                               num_classes=num_classes, shard=shard))
     augmented = ImageDataset(train.images, train.labels,
                              build_augment(params.augment, contract.pad_value))
     return (model,
-            image_loader(augmented, contract, batch_size=params.batch_size, shuffle=True,
-                         balanced=balanced, generator=generator),
-            image_loader(val, contract, batch_size=params.batch_size))
+            image_loader(augmented, contract, batch_size=batch_size, shuffle=True,
+                         balanced=balanced, generator=generator, shard=shard),
+            image_loader(val, contract, batch_size=params.batch_size, shard=shard))
 
 
 def _loss(labels: np.ndarray, num_classes: int, params: FitParams) -> nn.Module:

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cellpipe.engine import distributed
+
 
 @dataclass(frozen=True)
 class Device:
@@ -52,8 +54,11 @@ class Device:
 
 
 def progress(batches: Iterable, desc: str) -> tqdm:
-    """A per-batch progress bar, shown only when stderr is a terminal."""
-    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
+    """A per-batch progress bar, shown only when stderr is a terminal (and on rank 0)."""
+    # Under torchrun every rank shares the terminal: N bars would overwrite each other.
+    disable = None if distributed.is_main() else True
+    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=disable,
+                dynamic_ncols=True)
 
 
 @dataclass
@@ -89,6 +94,17 @@ class Objective:
         """Train one epoch; return its mean loss."""
         return train_one_epoch(epoch.module, epoch.batches, epoch.optimizer, epoch.scheduler,
                                epoch.loss_fn, epoch.device, desc=epoch.desc)
+
+    def supports_distributed(self) -> bool:
+        """Whether this objective trains correctly under DDP (``torchrun``).
+
+        Plain supervised training does: each rank's batches come from the loop's
+        sharded loader and DDP averages the gradients of ``module``. A subclass that
+        trains networks of its own or draws its own (unsharded) batches must shard
+        them and keep its networks equal on every rank first; it says so by
+        overriding this.
+        """
+        return type(self) is Objective
 
     def state_dict(self) -> dict:
         """Whatever the objective itself trains (checkpointed with the model)."""

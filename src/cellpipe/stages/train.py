@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 from cellpipe.contract import ModelContract
 from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
+from cellpipe.engine import distributed
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
 from cellpipe.engine.data import ImageDataset, build_augment, image_loader
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
@@ -272,6 +273,8 @@ def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContr
         logits, _ = predict(device.prepare(model), loader, device, desc="pseudo-label")
         probabilities = torch.softmax(torch.from_numpy(logits), 1).numpy()
         rows, labels = select_pseudo_labels(probabilities, params.pseudo_label)
+        # Under torchrun every rank must refit on the same images: rank 0's choice.
+        rows, labels = distributed.broadcast_object((rows, labels))
         counts = np.bincount(labels, minlength=len(contract.class_names)).tolist()
         log.info("round %d: %d pseudo-labels per class %s (threshold %.2f)", round_number,
                  len(rows), counts, params.pseudo_label.threshold)
@@ -300,11 +303,26 @@ def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
 
 def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: TrainParams, *,
         synthetic: Path | None = None, device: str = "auto") -> dict:
-    """The stage as DVC runs it: checkpoint to ``model_path``, reports under ``out``."""
+    """The stage as DVC runs it: checkpoint to ``model_path``, reports under ``out``.
+
+    Under ``torchrun`` every rank trains (DDP: see engine/distributed.py) and rank 0
+    alone writes; the other ranks wait for it and return its metrics.
+    """
+    picked = Device.pick(device)
+    with distributed.process_group(picked.torch_device):
+        outcome = train(shards, params, device=picked, checkpoints=out / "checkpoints",
+                        fingerprint=fingerprint_of(params, manifest, shards, synthetic),
+                        synthetic=synthetic)
+        metrics = (_write_outputs(outcome, params, manifest, out, model_path)
+                   if distributed.is_main() else None)
+        # Also the other ranks' barrier: they return once rank 0's outputs are on disk.
+        return distributed.broadcast_object(metrics)
+
+
+def _write_outputs(outcome: TrainOutcome, params: TrainParams, manifest: Path, out: Path,
+                   model_path: Path) -> dict:
+    """Checkpoint, history, curves and metrics of a finished run (rank 0's job under DDP)."""
     out.mkdir(parents=True, exist_ok=True)
-    outcome = train(shards, params, device=Device.pick(device), checkpoints=out / "checkpoints",
-                    fingerprint=fingerprint_of(params, manifest, shards, synthetic),
-                    synthetic=synthetic)
     manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
     timed = pd.DataFrame.from_records(outcome.result.history)
     # Wall-clock seconds stay out of every tracked file: they differ on each run, and a
