@@ -154,3 +154,11 @@ def assert_same_classifier(a: Path, b: Path) -> None:
     first, second = (load_model(path / "model.pt").classifier.state_dict() for path in (a, b))
     for key in first:
         assert torch.equal(first[key], second[key]), f"{key} differs after resume"
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """A stand-in manifest file for the train stage, which only hashes it."""
+    path = tmp_path / "manifest.parquet"
+    path.write_bytes(b"stand-in manifest: only its hash is used by train")
+    return path

@@ -62,6 +62,15 @@ def write_smear(path: Path, seed: int, size: tuple[int, int] = (320, 240)) -> No
     Image.fromarray(smear(size, seed=seed)[0]).save(path)
 
 
+def smear_inbox(root: Path, slides: int) -> Path:
+    """``root/inbox`` holding ``slides`` generated smears, slide_00.png, slide_01.png…"""
+    inbox = root / "inbox"
+    inbox.mkdir()
+    for index in range(slides):
+        write_smear(inbox / f"slide_{index:02d}.png", seed=index)
+    return inbox
+
+
 class ColourRuleClassifier:
     """Classifies fitted crops by colour: bluish → WBC, pink → RBC, else Platelets.
 

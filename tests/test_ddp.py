@@ -37,13 +37,6 @@ def shards(tmp_path: Path) -> Path:
     return write_shards(tmp_path / "shards", CLASSES, {"train": 30, "val": 11, "test": 10})
 
 
-@pytest.fixture
-def manifest(tmp_path: Path) -> Path:
-    path = tmp_path / "manifest.parquet"
-    path.write_bytes(b"stand-in manifest: only its hash is used by train")
-    return path
-
-
 def torchrun_train(shards: Path, manifest: Path, out: Path, params: dict,
                    **env: str) -> tuple[subprocess.CompletedProcess, dict, dict[int, str]]:
     """Run ``cellpipe train`` on RANKS CPU processes; return the process, the launcher's

@@ -22,7 +22,7 @@ from cellpipe.slides.cells import CellFinderParams, find_cells
 from cellpipe.slides.readers import OpenSlideSlide, SlideUnreadable, TiffSlide, open_slide
 from cellpipe.slides.scoring import ScoreParams, resolve_cells, score_slide
 from cellpipe.slides.tiles import TileParams, tissue_tiles
-from slide_fixtures import ColourRuleClassifier, smear, write_smear
+from slide_fixtures import ColourRuleClassifier, smear, smear_inbox, write_smear
 
 MODEL = ModelKey("colour_rules", "1")
 PARAMS = ScoreParams(cells=CellFinderParams(cell_diameter=40))
@@ -172,13 +172,6 @@ def test_windows_count_each_cell_once(tmp_path: Path) -> None:
 # --- the batch ---------------------------------------------------------------------------
 
 
-def _inbox(root: Path, slides: int) -> Path:
-    inbox = root / "inbox"
-    inbox.mkdir()
-    for index in range(slides):
-        write_smear(inbox / f"slide_{index:02d}.png", seed=index)
-    return inbox
-
 
 def _result_folders(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "slides").iterdir())
@@ -190,7 +183,7 @@ def _finished(out: Path) -> list[str]:
 
 
 def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path) -> None:
-    inbox = _inbox(tmp_path, 3)
+    inbox = smear_inbox(tmp_path, 3)
     (inbox / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (inbox / "notes.txt").write_text("a stray file")
     out = tmp_path / "results"
@@ -217,7 +210,7 @@ def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path
 
 
 def test_a_new_model_version_rescores_and_the_old_results_stay(tmp_path: Path) -> None:
-    inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
     score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS,
                          ModelKey("colour_rules", "2"))
@@ -239,7 +232,7 @@ score_inbox({inbox!r}, Path({out!r}), ColourRuleClassifier(delay_s=0.3),
 
 
 def test_a_batch_killed_mid_way_and_rerun_yields_one_result_per_slide(tmp_path: Path) -> None:
-    inbox, out = _inbox(tmp_path, 8), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 8), tmp_path / "results"
     script = _KILLABLE_RUN.format(tests=str(Path(__file__).parent), inbox=str(inbox),
                                   out=str(out))
     run = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL,

@@ -35,13 +35,6 @@ def shards(tmp_path: Path) -> Path:
     return write_shards(tmp_path / "shards", CLASSES, {"train": 30, "val": 10, "test": 10})
 
 
-@pytest.fixture
-def manifest(tmp_path: Path) -> Path:
-    path = tmp_path / "manifest.parquet"
-    path.write_bytes(b"stand-in manifest: only its hash is used by train")
-    return path
-
-
 def _run(shards: Path, manifest: Path, out: Path, params: TrainParams) -> dict:
     return train_stage.run(shards, manifest, out, out / "model.pt", params, device="cpu")
 

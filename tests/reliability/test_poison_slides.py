@@ -21,18 +21,11 @@ from cellpipe.slides import batch
 from cellpipe.slides.batch import ModelKey, score_inbox
 from cellpipe.slides.cells import CellFinderParams
 from cellpipe.slides.scoring import ScoreParams
-from slide_fixtures import ColourRuleClassifier, write_smear
+from slide_fixtures import ColourRuleClassifier, smear_inbox, write_smear
 
 MODEL = ModelKey("colour_rules", "1")
 PARAMS = ScoreParams(cells=CellFinderParams(cell_diameter=40))
 
-
-def _inbox(root: Path, slides: int) -> Path:
-    inbox = root / "inbox"
-    inbox.mkdir()
-    for index in range(slides):
-        write_smear(inbox / f"slide_{index:02d}.png", seed=index)
-    return inbox
 
 
 def _reasons(report: dict) -> dict[str, str]:
@@ -40,7 +33,7 @@ def _reasons(report: dict) -> dict[str, str]:
 
 
 def test_a_five_channel_tiff_is_quarantined_and_the_batch_goes_on(tmp_path: Path) -> None:
-    inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
     tifffile.imwrite(inbox / "poison.tif", np.zeros((5, 64, 64), np.uint8),
                      photometric="minisblack", planarconfig="separate")
     tifffile.imwrite(inbox / "poison_contig.tif", np.zeros((64, 64, 5), np.uint8),
@@ -64,7 +57,7 @@ def test_a_five_channel_tiff_is_quarantined_and_the_batch_goes_on(tmp_path: Path
                                      AssertionError("an internal check")])
 def test_any_error_in_one_slide_quarantines_that_slide(tmp_path: Path, monkeypatch,
                                                        failure: Exception) -> None:
-    inbox, out = _inbox(tmp_path, 3), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 3), tmp_path / "results"
     real = batch.score_slide
 
     def breaks_on_slide_01(reader, classifier, params):  # noqa: ANN001, ANN202
@@ -80,7 +73,7 @@ def test_any_error_in_one_slide_quarantines_that_slide(tmp_path: Path, monkeypat
 
 def test_a_slide_whose_result_cannot_be_written_is_quarantined(tmp_path: Path,
                                                               monkeypatch) -> None:
-    inbox, out = _inbox(tmp_path, 3), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 3), tmp_path / "results"
     real = batch.write_result
 
     def bad_table(target, result, summary):  # noqa: ANN001, ANN202
@@ -97,7 +90,7 @@ def test_a_slide_whose_result_cannot_be_written_is_quarantined(tmp_path: Path,
 
 def test_a_full_results_disk_stops_the_batch_and_quarantines_nothing(tmp_path: Path,
                                                                    monkeypatch) -> None:
-    inbox, out = _inbox(tmp_path, 3), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 3), tmp_path / "results"
 
     def disk_full(target, result, summary):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -117,7 +110,7 @@ def test_a_classifier_error_names_the_slide_in_flight_and_stops(tmp_path: Path,
         def classify_images(self, images: np.ndarray) -> np.ndarray:
             raise failure
 
-    inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
     with pytest.raises(CellpipeError, match=f"{re.escape(str(failure))}.*slide_00.png"):
         score_inbox(str(inbox), out, Broken(), PARAMS, MODEL)
     assert not (out / "quarantine").exists()
@@ -133,7 +126,7 @@ def test_the_prefect_flow_quarantines_a_poison_slide_and_scores_the_rest(tmp_pat
 
     import flows.scoring as scoring_flow
 
-    inbox, out = _inbox(tmp_path, 2), tmp_path / "results"
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
     tifffile.imwrite(inbox / "poison.tif", np.zeros((64, 64, 5), np.uint8),
                      photometric="minisblack", planarconfig="contig")
 
