@@ -17,6 +17,7 @@ from cellpipe.errors import CellpipeError
 from cellpipe.params import load_section
 from cellpipe.serving.client import TritonClassifier
 from cellpipe.serving.server import LocalTriton
+from cellpipe.serving.triton_config import published_model_name
 from cellpipe.slides.batch import (
     InboxSlide,
     ModelKey,
@@ -74,12 +75,13 @@ def report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
 
 @flow(name="scoring", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc",
-            model_name: str = "cell_classifier", params_file: str = "params.yaml",
+            model_name: str | None = None, params_file: str = "params.yaml",
             triton_state_dir: str = ".cellpipe/triton") -> dict:
     """Score the inbox's new slides into ``out``; publish a table of the summaries."""
     logger = get_run_logger()
     started = utc_now()
     params = load_section(ScoreParams, "score", Path(params_file))
+    model_name = model_name or published_model_name(Path(params_file))
     url = url or _local_server_url(Path(triton_state_dir), protocol)
     results = Path(out)
     model = served_model(url, protocol, model_name, params)

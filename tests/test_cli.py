@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cellpipe.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -16,7 +19,10 @@ def test_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "ingest" in out and "preprocess" in out
+    commands = {line.split()[0] for line in out.split("COMMAND\n", 1)[1].splitlines()
+                if line.startswith("    ") and not line.startswith("     ")}
+    stages = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert stages <= commands, f"stages without a command: {sorted(stages - commands)}"
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -41,3 +47,19 @@ def test_module_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "cellpipe", "--version"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.startswith("cellpipe ")
+
+
+def test_clients_default_to_the_model_name_publish_gives(tmp_path: Path) -> None:
+    """publish.model_name is the one place that names the served model."""
+    from cellpipe.cli import _model_name
+    from cellpipe.serving.triton_config import DEFAULT_MODEL_NAME, published_model_name
+
+    params = tmp_path / "params.yaml"
+    params.write_text("publish:\n  model_name: wbc_subtypes\n  max_batch_size: 8\n")
+    assert published_model_name(params) == "wbc_subtypes"
+    assert published_model_name(tmp_path / "missing.yaml") == DEFAULT_MODEL_NAME
+    score = build_parser().parse_args(["score", "inbox", "--out", "o", "--params", str(params)])
+    assert _model_name(score) == "wbc_subtypes"
+    chosen = build_parser().parse_args(["score", "inbox", "--out", "o", "--params", str(params),
+                                        "--model-name", "other"])
+    assert _model_name(chosen) == "other"

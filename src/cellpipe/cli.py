@@ -139,7 +139,7 @@ def _cmd_triton_classify(args: argparse.Namespace) -> None:
         except OSError as error:
             rejected.append((path, f"cannot read file: {error.strerror or error}"))
     with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
-                          model_name=args.model_name) as client:
+                          model_name=_model_name(args)) as client:
         names = client.contract.class_names
         try:
             scored = list(zip(readable, client.classify_encoded([b for _, b in readable]),
@@ -165,7 +165,7 @@ def _cmd_triton_verify(args: argparse.Namespace) -> None:
 
     for protocol in ("grpc", "http") if args.protocol == "both" else (args.protocol,):
         result = verify_server(args.onnx, args.shards, args.split, _server_url(args, protocol),
-                               protocol, model_name=args.model_name, limit=args.limit)
+                               protocol, model_name=_model_name(args), limit=args.limit)
         print(f"{protocol}: {result['images']} {args.split} images, max |Δp| vs onnxruntime "
               f"in-process: tensors {result['tensor_max_abs_difference']:.1e}, image bytes "
               f"{result['bytes_max_abs_difference']:.1e}; accuracy {result['accuracy']:.4f}, "
@@ -182,9 +182,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.mode:
         params = params.model_copy(update={"mode": args.mode})
     with TritonClassifier(_server_url(args, args.protocol), protocol=args.protocol,
-                          model_name=args.model_name, timeout_s=params.request_timeout_s,
+                          model_name=_model_name(args), timeout_s=params.request_timeout_s,
                           retries=params.retries) as client:
-        model = ModelKey(args.model_name, client.pin_served_version())
+        model = ModelKey(client.model_name, client.pin_served_version())
         report = score_inbox(args.inbox, args.out, client, params, model)
     for outcome in report["slides"]:
         if outcome["status"] == "quarantined":
@@ -260,6 +260,14 @@ def _cmd_flows_run(args: argparse.Namespace) -> None:
                          params_file=str(params_file),
                          triton_state_dir=str(repo / ".cellpipe" / "triton"))
         print(result["totals"])
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """--model-name if given, else publish.model_name of the command's params file."""
+    from cellpipe.serving.triton_config import published_model_name
+
+    return args.model_name or published_model_name(getattr(args, "params", None)
+                                                   or DEFAULT_PARAMS_FILE)
 
 
 def _server_url(args: argparse.Namespace, protocol: str) -> str:
@@ -417,8 +425,8 @@ def _add_score_command(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--mode", choices=("cells", "tiles"), help="override score.mode")
     score.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     score.add_argument("--url", help="host:port for --protocol (default: the local server)")
-    score.add_argument("--model-name", default="cell_classifier",
-                       help="published model name (default: %(default)s)")
+    score.add_argument("--model-name",
+                       help="published model name (default: publish.model_name in --params)")
     score.add_argument("--state-dir", type=Path, default=None,
                        help="where `cellpipe triton start` keeps the local server's state")
     score.add_argument("--strict", action="store_true",
@@ -493,8 +501,9 @@ def _add_triton_commands(commands: argparse._SubParsersAction) -> None:
 
     def scoring(command: argparse.ArgumentParser) -> None:
         command.add_argument("--url", help="host:port for --protocol (default: local server)")
-        command.add_argument("--model-name", default="cell_classifier",
-                             help="published model name (default: %(default)s)")
+        command.add_argument("--model-name",
+                             help="published model name (default: publish.model_name in "
+                                  "params.yaml)")
 
     classify = action("classify", _cmd_triton_classify,
                       "Classify image files as they are (server-side preprocessing).")

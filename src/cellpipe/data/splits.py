@@ -27,7 +27,6 @@ from cellpipe.data.sources import Rejection
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "unlabeled")
 # When copies of one file sit in several given splits, the copy in the most
 # held-out split is kept, so evaluation sets stay as published and train never
 # sees an evaluation image.

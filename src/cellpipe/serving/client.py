@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from cellpipe.contract import ModelContract, to_model_input
 from cellpipe.errors import CellpipeError
-from cellpipe.serving.triton_config import BYTES_INPUT, CONTRACT_PARAMETER
+from cellpipe.serving.triton_config import BYTES_INPUT, CONTRACT_PARAMETER, DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TritonClassifier:
     """Classify batches of images with one model on one Triton server."""
 
     def __init__(self, url: str, *, protocol: Protocol = "grpc",
-                 model_name: str = "cell_classifier", model_version: str = "",
+                 model_name: str = DEFAULT_MODEL_NAME, model_version: str = "",
                  batch_size: int = 64, concurrency: int = 4, timeout_s: float = 60.0,
                  retries: int = 3, backoff_s: float = 0.5) -> None:
         if protocol not in ("grpc", "http"):
@@ -113,10 +113,9 @@ class TritonClassifier:
         return self._score(self.model_name, inputs.astype(np.float32, copy=False),
                            contract.input_name, "FP32")
 
-    def classify_encoded(self, encoded: Sequence[bytes], *,
-                         ensemble: str | None = None) -> np.ndarray:
+    def classify_encoded(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded image files (PNG, JPEG, TIFF…) → probabilities, preprocessed by the server."""
-        name = ensemble or f"{self.model_name}_images"
+        name = f"{self.model_name}_images"
         self._fetch_contract(name)  # fails early and clearly if the ensemble is missing
         blobs = np.empty((len(encoded), 1), dtype=object)
         blobs[:, 0] = list(encoded)

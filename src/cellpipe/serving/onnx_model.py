@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cellpipe.contract import ModelContract, to_model_input
+from cellpipe.contract import ModelContract
 from cellpipe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -169,23 +169,3 @@ def _load_checked(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a valid ONNX model: {type(error).__name__}: "
                          f"{error}") from error
     return model
-
-
-class OnnxClassifier:
-    """An exported model run in-process by onnxruntime, with the same interface as
-    :class:`cellpipe.serving.client.TritonClassifier` (for checks and benchmarks)."""
-
-    def __init__(self, path: Path, *, threads: int = 0, batch_size: int = 64) -> None:
-        self.contract = read_contract(path)
-        self.model_name, self.model_version = path.stem, "local"
-        self._session = open_session(path, threads=threads)
-        self._batch_size = batch_size
-
-    def classify_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×S×S×3 images (already fitted to the model's size) → N×K probabilities."""
-        return predict_probabilities(self._session, self.contract,
-                                     to_model_input(images, self.contract),
-                                     batch_size=self._batch_size)
-
-    def close(self) -> None:
-        """Nothing to release; here for the classifier interface."""

@@ -15,14 +15,16 @@ written in protobuf text format, so every field name is checked.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
+import yaml
 from google.protobuf import text_format
 from pydantic import Field
 from tritonclient.grpc import model_config_pb2 as pb
 
 from cellpipe.contract import ModelContract
-from cellpipe.params import StageParams
+from cellpipe.params import DEFAULT_PARAMS_FILE, StageParams
 
 CONTRACT_PARAMETER = "cellpipe_contract"
 BYTES_INPUT = "image_bytes"
@@ -31,10 +33,13 @@ _FP32 = pb.DataType.Value("TYPE_FP32")
 _STRING = pb.DataType.Value("TYPE_STRING")
 
 
+DEFAULT_MODEL_NAME = "cell_classifier"  # publish.model_name's default: the one place
+
+
 class ServingParams(StageParams):
     """How Triton serves the model (part of the ``publish:`` section of params.yaml)."""
 
-    model_name: str = Field("cell_classifier", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    model_name: str = Field(DEFAULT_MODEL_NAME, pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     max_batch_size: int = Field(64, ge=1)
     max_queue_delay_us: int = Field(2000, ge=0)
     # KIND_GPU in production (NVIDIA's container, native onnxruntime backend); KIND_CPU here.
@@ -42,6 +47,16 @@ class ServingParams(StageParams):
     instance_count: int = Field(1, ge=1)
     onnx_threads: int = Field(0, ge=0)  # onnxruntime intra-op threads; 0 = every core
     warmup: bool = True
+
+
+def published_model_name(params_file: Path = DEFAULT_PARAMS_FILE) -> str:
+    """The name the model is published under: ``publish.model_name`` of ``params_file``
+    (its default where the file or the key is missing), for clients that score on it."""
+    if not params_file.is_file():
+        return DEFAULT_MODEL_NAME
+    section = (yaml.safe_load(params_file.read_text()) or {}).get("publish") or {}
+    serving = {key: value for key, value in section.items() if key in ServingParams.model_fields}
+    return ServingParams.model_validate(serving).model_name
 
 
 def names(params: ServingParams) -> tuple[str, str, str]:
