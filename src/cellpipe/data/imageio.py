@@ -39,7 +39,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Percentiles for the "percentile" scaling: microscopy cameras often fill only 12
 # of 16 bits, so scaling by the dtype's range would give nearly black images.
 _LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
-_EXIF_ORIENTATION = 0x0112
+# One wording for a TIFF header without a page, whichever entry point reads it.
+NO_TIFF_PAGES = "not a readable TIFF: it has no image pages"
 
 
 class ImageRejected(Exception):
@@ -125,6 +126,7 @@ def to_rgb_uint8(array: np.ndarray, scaling: BitDepthScaling = "percentile", *,
         array = array[..., np.newaxis]
     if array.ndim != 3:
         raise ImageRejected(f"unsupported array shape {array.shape}")
+    _check_pixel_type(array)
     array = _as_uint8(array, scaling, value_range)
     channels = array.shape[-1]
     if channels in (1, 2):
@@ -172,6 +174,10 @@ def _open_pillow(path: Path | BinaryIO, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageRejected(f"decompression bomb: {error}") from error
     except Image.UnidentifiedImageError as error:
+        precision = _jpeg_precision(path)
+        if precision not in (None, 8):
+            raise ImageRejected(f"{precision}-bit JPEG is not supported (only 8-bit JPEG is): "
+                                f"save it as a 16-bit TIFF or PNG") from error
         raise ImageRejected("not a recognised image (unknown or corrupt header)") from error
     except OSError as error:
         raise ImageRejected(f"cannot open image: {error}") from error
@@ -183,18 +189,46 @@ def _open_pillow(path: Path | BinaryIO, limits: ImageLimits) -> Image.Image:
         image.close()
         raise ImageRejected(f"animated {image.format} with {image.n_frames} frames: "
                             f"one still image is expected")
-    _check_size(*_upright_size(image), limits)
+    # The stored size, not the upright one: the limits (pixel count, shortest side) are
+    # the same either way, and reading a PNG's orientation (getexif) makes Pillow decode
+    # the whole image, before this check, and leaves a decode error unraised for later.
+    _check_size(*image.size, limits)
     return image
 
 
-def _upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) once EXIF orientation is applied (5–8 swap the sides)."""
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman or
+# arithmetic): the byte after their length is the sample precision in bits.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                       0xCF})
+
+
+def _jpeg_precision(source: Path | BinaryIO) -> int | None:
+    """Bits per sample of a JPEG, from its frame header; None when it is not a JPEG.
+
+    Pillow decodes 8-bit JPEG only, and reports a 12- or 16-bit one (some scientific
+    cameras write them) as an unknown image; this lets the reason say what the file is.
+    """
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError):  # a cut-off file: the decode will say so
-        orientation = 1
-    width, height = image.size
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        if isinstance(source, Path):
+            with source.open("rb") as handle:
+                head = handle.read(1 << 16)
+        else:
+            source.seek(0)
+            head = source.read(1 << 16)
+    except OSError:
+        return None
+    if head[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 9 <= len(head) and head[position] == 0xFF:
+        marker = head[position + 1]
+        if marker in _JPEG_SOF:
+            return head[position + 4]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        position += 2 + int.from_bytes(head[position + 2:position + 4], "big")
+    return None
 
 
 def _decode_pillow(image: Image.Image) -> Image.Image:
@@ -252,7 +286,7 @@ def _probe_tiff(path: Path, limits: ImageLimits, pages: Literal["first", "all"])
     with _open_tiff(path) as tif:
         usable = usable_tiff_pages(tif)
         if not usable:
-            raise ImageRejected("TIFF has no image pages")
+            raise ImageRejected(NO_TIFF_PAGES)
         selected = usable[:1] if pages == "first" else usable
         infos = []
         for number, page in enumerate(selected):
@@ -266,6 +300,8 @@ def _read_tiff_page(path: Path | BinaryIO, page: int, scaling: BitDepthScaling,
                     limits: ImageLimits) -> np.ndarray:
     with _open_tiff(path) as tif:
         usable = usable_tiff_pages(tif)
+        if not usable:
+            raise ImageRejected(NO_TIFF_PAGES)
         if page >= len(usable):
             raise ImageRejected(f"TIFF has {len(usable)} usable pages, page {page} requested")
         selected = usable[page]
@@ -281,6 +317,7 @@ def value_range_of(array: np.ndarray, scaling: BitDepthScaling) -> tuple[float, 
     and for floats the smallest step the values can resolve, so a float image in [0, 1]
     keeps its own range instead of being stretched as if it were integer-valued.
     """
+    _check_pixel_type(array)
     integer = np.issubdtype(array.dtype, np.integer)
     values = array if integer else array[np.isfinite(array)]
     if values.size == 0:
@@ -295,6 +332,15 @@ def value_range_of(array: np.ndarray, scaling: BitDepthScaling) -> tuple[float, 
         low, high = 0.0, 1.0  # float images are conventionally in [0, 1]
     smallest_step = 1.0 if integer else float(np.spacing(np.float32(max(abs(low), abs(high)))))
     return float(low), float(max(high, low + smallest_step))
+
+
+def _check_pixel_type(array: np.ndarray) -> None:
+    """Only real numbers are pixel values: a complex TIFF (an FFT, say) would otherwise be
+    read with its imaginary part silently dropped."""
+    kind = array.dtype
+    if not (kind == np.bool_ or np.issubdtype(kind, np.integer)
+            or np.issubdtype(kind, np.floating)):
+        raise ImageRejected(f"unsupported pixel type {kind} (expected integers, floats or bool)")
 
 
 def _as_uint8(array: np.ndarray, scaling: BitDepthScaling,

@@ -279,8 +279,9 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 class _Walk:
-    """Files below a folder, in a stable order, hidden ones and links out of the source
-    left out; the links it refused are kept, with the reason, for the rejected list."""
+    """Files below a folder, in a stable order, hidden ones, links out of the source and
+    names that are not UTF-8 left out; those it refused are kept, with the reason, for the
+    rejected list."""
 
     def __init__(self, root: Path, links_out: bool) -> None:
         self.root, self.resolved_root, self.links_out = root, root.resolve(), links_out
@@ -296,8 +297,15 @@ class _Walk:
                     folders.remove(name)  # a linked folder out of the source: not entered
             found += [here / name for name in names]
         for path in sorted(found):
-            if not _is_hidden(path.relative_to(self.root)) and not self._refuse(path):
-                yield path
+            if _is_hidden(path.relative_to(self.root)) or self._refuse(path):
+                continue
+            if not _utf8(path.relative_to(self.root).as_posix()):
+                self.refused_links.append(Rejection(
+                    _displayable(path.relative_to(self.root).as_posix()),
+                    "file name is not valid UTF-8 (e.g. Latin-1 from an old file share): "
+                    "rename it to ingest it"))
+                continue
+            yield path
 
     def _refuse(self, path: Path) -> bool:
         """Record ``path`` as refused when it resolves outside the source folder."""
@@ -313,13 +321,26 @@ class _Walk:
         return True
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+        return False
+    return True
+
+
+def _displayable(name: str) -> str:
+    """``name`` as UTF-8 text, its undecodable bytes shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
 def _hidden_files(root: Path) -> list[Rejection]:
     """Every hidden file below ``root`` (or below a hidden folder), with the reason."""
-    return [Rejection(path.relative_to(root).as_posix(), HIDDEN_REASON)
+    return [Rejection(_displayable(path.relative_to(root).as_posix()), HIDDEN_REASON)
             for path in sorted(root.rglob("*"))
             if _is_hidden(path.relative_to(root)) and not path.is_dir()]
 

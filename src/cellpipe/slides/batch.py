@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["scored", "skipped", "quarantined"]
 
+# The longest slide name kept in a file name: with the hash, content hash, model tag and a
+# temporary file's prefix and suffix it stays well under the 255 bytes a disk allows.
+_MAX_NAME = 120
 # Errors writing a result that come from the slide's own name, not from the disk.
 _NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
 
@@ -127,10 +130,27 @@ def list_inbox(inbox: str, *, links_out: bool = False,
         name = path[len(root):].lstrip("/")
         if _is_companion(name):
             continue
-        refused = _hidden(name) or (None if links_out or not local
-                                    else _link_out_of(Path(root), Path(path)))
+        refused = (_undecodable(name) or _hidden(name)
+                   or (None if links_out or not local else _link_out_of(Path(root), Path(path)))
+                   or (None if not local else _not_regular(Path(path))))
         slides.append(InboxSlide(path, name, refused))
     return fs, slides
+
+
+def _undecodable(name: str) -> str | None:
+    """A name that is not UTF-8 (Latin-1 from an old file share) cannot go into a report."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8: not scored; rename it to score it"
+    return None
+
+
+def _not_regular(path: Path) -> str | None:
+    """A FIFO, socket or device would block or never end a read: it is no slide."""
+    if path.exists() and not path.is_file():
+        return "not a regular file (a folder, FIFO, socket or device): not scored"
+    return None
 
 
 def _hidden(name: str) -> str | None:
@@ -187,14 +207,19 @@ def result_name(slide: InboxSlide, sha256: str, model: ModelKey) -> str:
 def _safe_name(name: str) -> str:
     """A relative slide path as one file name, unique per inbox path.
 
-    Anything unusual becomes ``_``; when that changed the name, a hash of the original
-    follows, so ``dup/trunc.jpg`` and ``dup_trunc.jpg`` never share a result or a
-    quarantine record. Plain names stay as they are (and so do their existing results).
+    Anything unusual becomes ``_``, and a long name is cut; when either changed the name,
+    a hash of the original follows, so ``dup/trunc.jpg`` and ``dup_trunc.jpg`` never share
+    a result or a quarantine record. Plain names stay as they are (and so do their
+    existing results).
     """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    if safe == name:
+    if safe.startswith("."):  # a hidden slide's record must not be hidden itself
+        safe = "_" + safe[1:]
+    if safe == name and len(safe) <= _MAX_NAME:
         return safe
-    return f"{safe}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    # surrogateescape: a name that is not UTF-8 still hashes to its own bytes.
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{safe[:_MAX_NAME]}~{digest}"
 
 
 def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
@@ -224,6 +249,8 @@ def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path
     with local_copy(fs, slide) as path:
         if path.suffix.lower() not in SLIDE_SUFFIXES:
             raise SlideUnreadable(f"unsupported slide format '{path.suffix or path.name}'")
+        if path.exists() and not path.is_file():  # a FIFO would block the hash for ever
+            raise SlideUnreadable("not a regular file (a folder, FIFO, socket or device)")
         sha256 = file_sha256(path)
         name = result_name(slide, sha256, model)
         target = out / "slides" / name
@@ -353,10 +380,15 @@ def _report_stopped_run(out: Path, inbox: str, model: ModelKey, outcomes: list[S
 
 
 def remove_partial_results(out: Path) -> None:
-    """Delete temporary folders a killed run left behind (never a finished result)."""
+    """Delete what a killed run left half-written (never a finished result): result
+    folders, and the temporary files of quarantine records, run reports and summary.csv."""
     for leftover in (out / "slides").glob(".*.tmp"):
         log.info("removing the partial result %s of an interrupted run", leftover.name)
         shutil.rmtree(leftover, ignore_errors=True)
+    for folder in (out, out / "quarantine", out / "runs"):
+        for leftover in folder.glob(".*.tmp"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
 
 
 def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],

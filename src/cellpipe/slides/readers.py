@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 
 from cellpipe.data.geometry import Box
 from cellpipe.data.imageio import (
+    NO_TIFF_PAGES,
     BitDepthScaling,
     ImageLimits,
     ImageRejected,
@@ -137,18 +139,23 @@ class TiffSlide(SlideReader):
         self.path, self._scaling = path, scaling
         try:
             self._tif = tifffile.TiffFile(path)
+            if not usable_tiff_pages(self._tif):  # before series[0], which has none either
+                raise SlideUnreadable(NO_TIFF_PAGES)
             _check_tiff_size(self._tif, limits or ImageLimits())
             series = self._tif.series[0]
+            # Whether samples are stored as separate planes (S×H×W) comes from the TIFF's
+            # own axes, as imageio reads it: guessing from the array's shape took a planar
+            # 5-channel page for 5 rows of 64 channels, and a planar 2-channel one too.
             if len(series.levels) > 1:  # a pyramid: one field, several resolutions
                 store = zarr.open(series.aszarr(), mode="r")  # a group: one array per level
-                self._levels = [store[str(index)] for index in range(len(series.levels))]
+                self._levels = [_Plane(store[str(index)], level.axes.startswith("S"))
+                                for index, level in enumerate(series.levels)]
                 self._pages = [self._levels[0]]
             else:  # every full-resolution page is a field of its own
-                self._pages = [zarr.open(page.aszarr(), mode="r")
+                self._pages = [_Plane(zarr.open(page.aszarr(), mode="r"),
+                                      page.axes.startswith("S"))
                                for page in usable_tiff_pages(self._tif)]
                 self._levels = self._pages[:1]
-            if not self._pages:
-                raise SlideUnreadable("TIFF has no image pages")
         except SlideUnreadable:
             raise
         except Exception as error:  # tifffile raises many types for broken headers
@@ -158,7 +165,7 @@ class TiffSlide(SlideReader):
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
-        return [_width_height(array) for array in self._levels]
+        return [plane.width_height for plane in self._levels]
 
     @property
     def pages(self) -> int:
@@ -167,9 +174,10 @@ class TiffSlide(SlideReader):
     def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
         _check_index("page", page, self.pages)
         _check_index("level", level, len(self._levels))
-        array = self._levels[level] if self.pages == 1 else self._pages[page]
+        plane = self._levels[level] if self.pages == 1 else self._pages[page]
+        array = plane.array
         try:
-            if _is_planar(array):
+            if plane.planar:
                 raw = np.moveaxis(array[:, box.y0:box.y1, box.x0:box.x1], 0, -1)
             else:
                 raw = array[box.y0:box.y1, box.x0:box.x1]
@@ -187,10 +195,11 @@ class TiffSlide(SlideReader):
     def _value_range(self, page: int) -> tuple[float, float]:
         """One 8-bit scaling per page, from a strided sample of the coarsest level."""
         if page not in self._value_ranges:
-            array = self._levels[-1] if self.pages == 1 else self._pages[page]
-            width, height = _width_height(array)
+            plane = self._levels[-1] if self.pages == 1 else self._pages[page]
+            array = plane.array
+            width, height = plane.width_height
             step = max(1, math.ceil(max(width, height) / 1024))
-            sample = array[:, ::step, ::step] if _is_planar(array) else array[::step, ::step]
+            sample = array[:, ::step, ::step] if plane.planar else array[::step, ::step]
             self._value_ranges[page] = value_range_of(np.asarray(sample), self._scaling)
         return self._value_ranges[page]
 
@@ -278,15 +287,19 @@ def _check_tiff_size(tif: tifffile.TiffFile, limits: ImageLimits) -> None:
                                   f"limit of {limit:,} for a {kind} TIFF page")
 
 
-def _is_planar(array: zarr.Array) -> bool:
-    """Separate colour planes (S×H×W), as some scanners write RGB TIFFs."""
-    return array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (1, 2, 3, 4)
+@dataclass(frozen=True)
+class _Plane:
+    """One page or pyramid level: its lazy array, and whether its samples are separate
+    planes (S×H×W, as some scanners write RGB TIFFs) rather than interleaved (H×W×S)."""
 
+    array: zarr.Array
+    planar: bool
 
-def _width_height(array: zarr.Array) -> tuple[int, int]:
-    if _is_planar(array):
-        return int(array.shape[2]), int(array.shape[1])
-    return int(array.shape[1]), int(array.shape[0])
+    @property
+    def width_height(self) -> tuple[int, int]:
+        if self.planar:
+            return int(self.array.shape[2]), int(self.array.shape[1])
+        return int(self.array.shape[1]), int(self.array.shape[0])
 
 
 def _check_index(name: str, value: int, count: int) -> None:
