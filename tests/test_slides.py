@@ -188,7 +188,7 @@ def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path
     (inbox / "notes.txt").write_text("a stray file")
     out = tmp_path / "results"
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 3, "skipped": 0, "quarantined": 2}
+    assert report["totals"] == {"scored": 3, "skipped": 0, "quarantined": 2, "ignored": 0}
     reasons = {s["slide"]: s["reason"] for s in report["slides"] if s["status"] == "quarantined"}
     assert reasons["corrupt.jpg"].startswith("cannot open image")
     assert "unsupported slide format" in reasons["notes.txt"]
@@ -205,7 +205,7 @@ def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path
     # Fixed and rerun: it leaves the quarantine; the scored ones are skipped.
     write_smear(inbox / "corrupt.jpg", seed=9)
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 1, "skipped": 3, "quarantined": 1}
+    assert report["totals"] == {"scored": 1, "skipped": 3, "quarantined": 1, "ignored": 0}
     assert [p.name for p in (out / "quarantine").iterdir()] == ["notes.txt.json"]
 
 

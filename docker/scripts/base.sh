@@ -38,9 +38,11 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
 fi
 
 # pip settings as pip on this host sees them (files and PIP_* variables), http(s) only.
-pip_value() {  # the effective value of one pip setting, or nothing
+pip_value() {  # the effective value of one pip setting, or nothing; never credentials
+    # (user:password@ in an index URL would be baked into every image built on this base)
     python3 -m pip config list 2>/dev/null \
-        | sed -n "s/^[^.]*\.${1}='\(.*\)'$/\1/p" | tail -n 1
+        | sed -n "s/^[^.]*\.${1}='\(.*\)'$/\1/p" | tail -n 1 \
+        | sed -E 's#://[^/@ ]+@#://#g'
 }
 {
     echo "[global]"

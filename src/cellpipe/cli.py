@@ -192,7 +192,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     _print_slide_table(args.out / "summary.csv", model.tag)
     totals = report["totals"]
     print(f"{totals['scored']} scored, {totals['skipped']} already done, "
-          f"{totals['quarantined']} quarantined; results in {args.out} "
+          f"{totals['quarantined']} quarantined, {totals['ignored']} hidden files ignored; "
+          f"results in {args.out} "
           f"(summary.csv, slides/*/overlay.png, report.json)")
     if args.compare_voc:
         print_comparison(compare_with_voc(args.out, args.compare_voc, model))

@@ -742,7 +742,7 @@ def run_score(inbox: Path, out: Path, inputs: list[Input], *, delay_s: float = 0
         slide = slides.get(item.path)
         if slide is None:
             outcomes[item.path] = Outcome("missing")
-        elif slide["status"] == "quarantined":
+        elif slide["status"] in ("quarantined", "ignored"):  # each with its reason
             outcomes[item.path] = Outcome("refused", slide["reason"])
         else:
             summary = json.loads((out / slide["result"] / "summary.json").read_text())

@@ -30,7 +30,10 @@ def test_hidden_files_are_listed_with_a_reason(tmp_path: Path) -> None:
     assert statuses["slide.png"][0] == "scored"
     for hidden in ("..dotdot.png", ".thumbs/small.png"):
         status, reason = statuses[hidden]
-        assert status == "quarantined" and "hidden file" in reason
+        assert status == "ignored" and "hidden file" in reason
+    # Listed, but no slide that failed: no quarantine record, and --strict is not set off.
+    assert report["totals"] == {"scored": 1, "skipped": 0, "quarantined": 0, "ignored": 2}
+    assert not (out / "quarantine").exists()
 
 
 def test_names_that_sanitise_alike_keep_their_own_results_and_quarantine(tmp_path: Path) -> None:
@@ -77,3 +80,25 @@ def test_links_out_of_the_inbox_are_refused_unless_allowed(tmp_path: Path) -> No
     report = score_inbox(str(inbox), tmp_path / "allowed", ColourRuleClassifier(), allowed,
                          MODEL)
     assert _statuses(report)["outside.png"][0] == "scored"
+
+
+def test_results_of_earlier_runs_under_unhashed_names_are_kept(tmp_path: Path) -> None:
+    """Before sanitised names carried a hash, day1/slide.png's result was day1_slide-…:
+    a rerun finds it instead of scoring the slide again (and listing it twice)."""
+    import re
+
+    import pandas as pd
+
+    inbox, out = tmp_path / "inbox", tmp_path / "results"
+    (inbox / "day1").mkdir(parents=True)
+    write_smear(inbox / "day1" / "slide.png", seed=6)
+    report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
+    (folder,) = (out / "slides").iterdir()
+    legacy = re.sub(r"~[0-9a-f]{8}", "", folder.name)
+    assert legacy != folder.name
+    folder.rename(out / "slides" / legacy)  # as an earlier version named it
+
+    report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
+    assert report["totals"] == {"scored": 0, "skipped": 1, "quarantined": 0, "ignored": 0}
+    assert report["slides"][0]["result"] == f"slides/{legacy}"
+    assert list(pd.read_csv(out / "summary.csv")["slide"]) == ["day1/slide.png"]

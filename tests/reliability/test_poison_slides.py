@@ -18,7 +18,7 @@ import tifffile
 
 from cellpipe.errors import CellpipeError
 from cellpipe.slides import batch
-from cellpipe.slides.batch import ModelKey, score_inbox
+from cellpipe.slides.batch import ModelKey, ServerFailed, score_inbox
 from cellpipe.slides.cells import CellFinderParams
 from cellpipe.slides.scoring import ScoreParams
 from slide_fixtures import ColourRuleClassifier, smear_inbox, write_smear
@@ -39,7 +39,7 @@ def test_a_five_channel_tiff_is_quarantined_and_the_batch_goes_on(tmp_path: Path
     tifffile.imwrite(inbox / "poison_contig.tif", np.zeros((64, 64, 5), np.uint8),
                      photometric="minisblack", planarconfig="contig")
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 2}
+    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 2, "ignored": 0}
     reasons = _reasons(report)
     assert "channel count 5" in reasons["poison_contig.tif"]
     assert reasons["poison.tif"]
@@ -48,7 +48,7 @@ def test_a_five_channel_tiff_is_quarantined_and_the_batch_goes_on(tmp_path: Path
     # A good slide added later is scored by the next run, past the poison ones.
     write_smear(inbox / "later.png", seed=7)
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 1, "skipped": 2, "quarantined": 2}
+    assert report["totals"] == {"scored": 1, "skipped": 2, "quarantined": 2, "ignored": 0}
     assert "later.png" in set(pd.read_csv(out / "summary.csv")["slide"])
 
 
@@ -67,7 +67,7 @@ def test_any_error_in_one_slide_quarantines_that_slide(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(batch, "score_slide", breaks_on_slide_01)
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1}
+    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
     assert type(failure).__name__ in _reasons(report)["slide_01.png"]
 
 
@@ -83,7 +83,7 @@ def test_a_slide_whose_result_cannot_be_written_is_quarantined(tmp_path: Path,
 
     monkeypatch.setattr(batch, "write_result", bad_table)
     report = score_inbox(str(inbox), out, ColourRuleClassifier(), PARAMS, MODEL)
-    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1}
+    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
     assert "Arrow" in _reasons(report)["slide_02.png"]
     assert not list((out / "slides").glob(".*"))  # no partial folder left behind
 
@@ -149,6 +149,24 @@ def test_the_prefect_flow_quarantines_a_poison_slide_and_scores_the_rest(tmp_pat
     with prefect_test_harness(server_startup_timeout=90):
         run = scoring_flow.scoring(str(inbox), str(out), url="127.0.0.1:1",
                                    model_name="colour_rules", params_file=str(params_file))
-    assert run["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1}
+    assert run["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
     assert "channel count 5" in _reasons(run)["poison.tif"]
 
+
+
+def test_a_server_failing_while_its_contract_is_read_stops_the_batch(tmp_path: Path) -> None:
+    """The first request of a client may be the contract: its failure is the server's."""
+
+    class ContractUnreachable(ColourRuleClassifier):
+        @property
+        def contract(self):  # noqa: ANN202
+            raise CellpipeError("Triton at 127.0.0.1:1 (grpc) failed after 2 retries")
+
+        @contract.setter
+        def contract(self, _value: object) -> None:
+            pass
+
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
+    with pytest.raises(ServerFailed, match="failed after 2 retries.*slide_00.png"):
+        score_inbox(str(inbox), out, ContractUnreachable(), PARAMS, MODEL)
+    assert not (out / "quarantine").exists()

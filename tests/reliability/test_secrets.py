@@ -63,7 +63,7 @@ def test_an_inbox_url_with_credentials_is_scored_and_stored_redacted(
     caplog.handler.addFilter(RedactingFilter())  # as cli.main does on its handlers
     report = score_inbox(_with_credentials(http_inbox), out, ColourRuleClassifier(), PARAMS,
                          MODEL)
-    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1}
+    assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
     assert report["inbox"].startswith("http://***@127.0.0.1:")
     assert _files_holding_secrets(out) == []
     assert not any(secret in caplog.text for secret in SECRETS)

@@ -123,13 +123,13 @@ def test_an_outage_mid_batch_stops_within_its_budget_and_a_rerun_completes(
     assert "failed after 1 retries" in str(raised.value)
     assert stopped_after < budget_s + 10  # the budget, not the old 4 × 60 s
     report = json.loads((out / "report.json").read_text())
-    assert report["totals"] == {"scored": 1, "skipped": 0, "quarantined": 0}
+    assert report["totals"] == {"scored": 1, "skipped": 0, "quarantined": 0, "ignored": 0}
     assert "slide_1.png" in report["stopped"]
     assert not (out / "quarantine").exists()  # an outage is never the slides' fault
 
     with TritonClassifier(own_server.info.grpc_url, model_version=model.version) as client:
         report = score_inbox(str(inbox), out, client, PARAMS, model)
-    assert report["totals"] == {"scored": 2, "skipped": 1, "quarantined": 0}
+    assert report["totals"] == {"scored": 2, "skipped": 1, "quarantined": 0, "ignored": 0}
     assert "stopped" not in report
     assert _slide_results(out) == _slide_results(tmp_path / "clean")
 

@@ -31,11 +31,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import fsspec
 import numpy as np
@@ -51,7 +51,10 @@ from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, s
 
 log = logging.getLogger(__name__)
 
-Status = Literal["scored", "skipped", "quarantined"]
+# ignored: a hidden file (.DS_Store, .gitkeep, an rsync temporary), listed with its reason
+# but neither quarantined nor counted by --strict: it is no slide that failed.
+Status = Literal["scored", "skipped", "quarantined", "ignored"]
+T = TypeVar("T")
 
 # The longest slide name kept in a file name: with the hash, content hash, model tag and a
 # temporary file's prefix and suffix it stays well under the 255 bytes a disk allows.
@@ -75,11 +78,12 @@ class ResultsDiskFailed(ScoringStopped):
 @dataclass(frozen=True)
 class InboxSlide:
     """A file in the inbox: its fsspec path, its name relative to the inbox, and why it is
-    refused without being read (a hidden file, a link out of the inbox), if it is."""
+    refused without being read (a link out of the inbox…) or ignored (a hidden file)."""
 
     path: str
     name: str
     refused: str | None = None
+    ignored: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,10 @@ def list_inbox(inbox: str, *, links_out: bool = False,
         name = path[len(root):].lstrip("/")
         if _is_companion(name):
             continue
-        refused = (_undecodable(name) or _hidden(name)
+        refused = (_undecodable(name)
                    or (None if links_out or not local else _link_out_of(Path(root), Path(path)))
                    or (None if not local else _not_regular(Path(path))))
-        slides.append(InboxSlide(path, name, refused))
+        slides.append(InboxSlide(path, name, refused, ignored=_hidden(name)))
     return fs, slides
 
 
@@ -155,7 +159,7 @@ def _not_regular(path: Path) -> str | None:
 
 def _hidden(name: str) -> str | None:
     if any(part.startswith(".") for part in name.split("/")):
-        return "hidden file (a name part starts with '.'): not scored; rename it to score it"
+        return "hidden file (a name part starts with '.'): ignored; rename it to score it"
     return None
 
 
@@ -204,6 +208,26 @@ def result_name(slide: InboxSlide, sha256: str, model: ModelKey) -> str:
     return f"{_safe_name(slide.name.rsplit('.', 1)[0])}-{sha256[:12]}-{model.tag}"
 
 
+def _existing_result(out: Path, slide: InboxSlide, sha256: str, model: ModelKey) -> str | None:
+    """The name of this slide's finished result for ``model``, if there is one: under
+    today's name, or under the name results had before sanitised names carried a hash
+    (whose summary must name this very slide, since such names could be shared)."""
+    name = result_name(slide, sha256, model)
+    if (out / "slides" / name).is_dir():
+        return name
+    legacy = f"{_legacy_safe_name(slide.name.rsplit('.', 1)[0])}-{sha256[:12]}-{model.tag}"
+    summary = out / "slides" / legacy / "summary.json"
+    if legacy != name and summary.is_file() \
+            and json.loads(summary.read_text()).get("slide") == slide.name:
+        return legacy
+    return None
+
+
+def _legacy_safe_name(name: str) -> str:
+    """How names were made safe before they carried a hash (results of earlier runs)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def _safe_name(name: str) -> str:
     """A relative slide path as one file name, unique per inbox path.
 
@@ -230,16 +254,19 @@ def score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path,
     :class:`ScoringStopped` (the server or the results disk failed) is raised instead:
     it is not the slide's fault, and the slide must stay pending for the next run.
     """
+    if slide.ignored:
+        return SlideOutcome(slide.name, "ignored", reason=slide.ignored)
     if slide.refused:
         return _quarantine(out, slide, slide.refused)
+    in_flight = _InFlight(classifier, slide.name)  # may ask the server: outside the try
     try:
-        return _score_and_write(fs, slide, out, _InFlight(classifier, slide.name), params,
-                                model)
+        return _score_and_write(fs, slide, out, in_flight, params, model)
     except ScoringStopped:
         raise
     except Exception as error:  # noqa: BLE001 (any failure of this slide's own processing)
         if not isinstance(error, SlideUnreadable | ImageRejected):
-            log.debug("%s: could not be scored", slide.name, exc_info=True)
+            # Not one of our own refusals: the traceback shows where (a bug, a library).
+            log.warning("%s: could not be scored", slide.name, exc_info=True)
         return _quarantine(out, slide, _reason(error))
 
 
@@ -254,9 +281,10 @@ def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path
         sha256 = file_sha256(path)
         name = result_name(slide, sha256, model)
         target = out / "slides" / name
-        if target.is_dir():
+        done = _existing_result(out, slide, sha256, model)
+        if done is not None:
             _release(out, slide)
-            return SlideOutcome(slide.name, "skipped", f"slides/{name}")
+            return SlideOutcome(slide.name, "skipped", f"slides/{done}")
         started = time.perf_counter()
         with open_slide(path) as reader:
             result = score_slide(reader, classifier, params)
@@ -279,13 +307,17 @@ class _InFlight:
 
     def __init__(self, classifier: ImageClassifier, slide: str) -> None:
         self._classifier, self._slide = classifier, slide
-        self.contract = classifier.contract
+        # Reading the contract may be a request to the server (the first of a client).
+        self.contract = self._server(lambda: classifier.contract)
         self.model_name = classifier.model_name
         self.model_version = classifier.model_version
 
     def classify_images(self, images: np.ndarray) -> np.ndarray:
+        return self._server(lambda: self._classifier.classify_images(images))
+
+    def _server(self, call: Callable[[], T]) -> T:
         try:
-            return self._classifier.classify_images(images)
+            return call()
         except Exception as error:
             raise ServerFailed(f"{error} (slide in flight: {self._slide})") from error
 
@@ -341,8 +373,11 @@ def _quarantine(out: Path, slide: InboxSlide, reason: str) -> SlideOutcome:
 
 
 def _release(out: Path, slide: InboxSlide) -> None:
-    """A slide that scores now is no longer in quarantine."""
+    """A slide that scores now is no longer in quarantine (nor under an earlier name)."""
     _quarantine_file(out, slide).unlink(missing_ok=True)
+    legacy = out / "quarantine" / f"{_legacy_safe_name(slide.name)}.json"
+    if legacy.is_file() and json.loads(legacy.read_text()).get("slide") == slide.name:
+        legacy.unlink(missing_ok=True)
 
 
 def _quarantine_file(out: Path, slide: InboxSlide) -> Path:
@@ -403,7 +438,7 @@ def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[Slid
         "started": started,
         "finished": utc_now(),
         "totals": {status: sum(o.status == status for o in outcomes)
-                   for status in ("scored", "skipped", "quarantined")},
+                   for status in ("scored", "skipped", "quarantined", "ignored")},
         "slides": [asdict(outcome) for outcome in outcomes],
     }
     if stopped is not None:
