@@ -52,7 +52,10 @@ class RedactingFilter(logging.Filter):
     """Redacts URLs in a record's message and traceback before any handler formats it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 (bad format args: the handler reports them itself)
+            return True
         redacted = redact_text(message)
         if redacted != message:
             record.msg, record.args = redacted, ()

@@ -129,7 +129,7 @@ def test_exif_orientation_is_applied_everywhere(tmp_path: Path, orientation: int
 def test_a_huge_untiled_tiff_is_refused_by_its_header(tmp_path: Path) -> None:
     path = tmp_path / "huge.tif"
     _huge_untiled_tiff(path)
-    with pytest.raises(SlideUnreadable, match="exceeds the limit .* untiled"):
+    with pytest.raises(SlideUnreadable, match="untiled strip .* exceeds the limit"):
         open_slide(path)
     with pytest.raises(ImageRejected, match="exceeds the limit"):
         probe_image(path, ImageLimits())
@@ -150,3 +150,23 @@ def _stored_for_orientation(upright: np.ndarray, orientation: int) -> np.ndarray
                6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
                8: Image.Transpose.ROTATE_270}[orientation]
     return np.asarray(image.transpose(inverse))
+
+
+def test_a_large_untiled_tiff_in_small_strips_is_a_slide(tmp_path: Path) -> None:
+    """Read strip by strip, a stitched mosaic may exceed the whole-image limit (10^8 px)."""
+    path = tmp_path / "mosaic.tif"
+    with tifffile.TiffWriter(path) as writer:  # the header alone matters here (sparse)
+        writer.write(shape=(9_000, 12_000), dtype=np.uint8, rowsperstrip=16)
+    with open_slide(path) as reader:
+        assert reader.dimensions == (12_000, 9_000)
+
+
+def test_a_multi_picture_jpeg_is_read_as_its_first_picture(tmp_path: Path) -> None:
+    first, second = smear((120, 80), seed=4)[0], smear((120, 80), seed=5)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(first).save(buffer, format="MPO", save_all=True,
+                                append_images=[Image.fromarray(second)], quality=95)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(buffer.getvalue())
+    assert np.abs(read_rgb(path).astype(int) - first).mean() < 4
+    assert encoded_to_model_input([buffer.getvalue()], CONTRACT).shape == (1, 3, 16, 16)

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 # Pillow's names of the formats it decodes for us (TIFF is tifffile's).
-PILLOW_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
+PILLOW_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP"})
 
 BitDepthScaling = Literal["percentile", "dtype"]
 # First bytes of classic and BigTIFF files, little- and big-endian.
@@ -185,7 +185,9 @@ def _open_pillow(path: Path | BinaryIO, limits: ImageLimits) -> Image.Image:
         image.close()
         raise ImageRejected(f"unsupported image format {image.format or 'unknown'} "
                             f"(supported: {', '.join(sorted(PILLOW_FORMATS | {'TIFF'}))})")
-    if getattr(image, "n_frames", 1) > 1:
+    # A multi-picture JPEG (MPO: phones, cameras with depth or gain maps) is a still
+    # JPEG whose first frame is the picture; other formats with frames are animations.
+    if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
         image.close()
         raise ImageRejected(f"animated {image.format} with {image.n_frames} frames: "
                             f"one still image is expected")

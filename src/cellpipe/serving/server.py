@@ -49,14 +49,20 @@ class ServerInfo:
     metrics_port: int
     repository: str
     log_file: str
+    host: str = HOST  # the address it listens on
 
     @property
     def http_url(self) -> str:
-        return f"{HOST}:{self.http_port}"
+        return f"{self._reachable_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
+        return f"{self._reachable_host}:{self.grpc_port}"
+
+    @property
+    def _reachable_host(self) -> str:
+        """Where a client on this machine reaches it: every address includes loopback."""
+        return HOST if self.host in ("0.0.0.0", "::") else self.host
 
     def url(self, protocol: str) -> str:
         return self.grpc_url if protocol == "grpc" else self.http_url
@@ -162,7 +168,7 @@ class LocalTriton:
                                        env=_server_environment(), start_new_session=True)
         self._process = process
         info = ServerInfo(process.pid, http_port, grpc_port, metrics_port,
-                          str(repository.resolve()), str(log_file.resolve()))
+                          str(repository.resolve()), str(log_file.resolve()), host)
         try:
             self._wait_ready(info, process, timeout_s)
         except ServerError:

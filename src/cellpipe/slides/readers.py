@@ -126,9 +126,10 @@ class PillowSlide(SlideReader):
         return self._rgb[box.y0:box.y1, box.x0:box.x1]
 
 
-# A tiled TIFF is read tile by tile, so it may be far larger than an image decoded whole
-# (ImageLimits.max_pixels): up to a whole-slide scan at 40x (~10^10 px), with room.
-MAX_TILED_PIXELS = 10**11
+# A TIFF is read region by region, tile by tile or strip by strip, so a page may be far
+# larger than an image decoded whole (ImageLimits.max_pixels, which bounds one tile or
+# strip instead): up to a whole-slide scan at 40x (~10^10 px), with room.
+MAX_SLIDE_PIXELS = 10**11
 
 
 class TiffSlide(SlideReader):
@@ -273,18 +274,26 @@ def _openslide_vendor(path: Path) -> str | None:
 
 
 def _check_tiff_size(tif: tifffile.TiffFile, limits: ImageLimits) -> None:
-    """The image rules' size bounds, before any pixel is decoded: the shortest side, and
-    the pixel limit for pages decoded in strips (tiled pages may be slide-sized)."""
+    """The image rules' size bounds, from the header before any pixel is decoded: the
+    shortest side, the whole page (up to a slide's size: regions are read lazily) and
+    the largest piece decoded at once (a tile, or a strip of an untiled page), which is
+    what a read holds in memory and what a lying header would blow up."""
     for page in usable_tiff_pages(tif):
         width, height = page.imagewidth, page.imagelength
         if min(width, height) < limits.min_side:
             raise SlideUnreadable(f"{width}x{height} is smaller than the minimum side of "
                                   f"{limits.min_side} px")
-        limit = MAX_TILED_PIXELS if page.is_tiled else limits.max_pixels
-        if width * height > limit:
-            kind = "tiled" if page.is_tiled else "untiled (decoded in strips)"
+        if width * height > MAX_SLIDE_PIXELS:
             raise SlideUnreadable(f"{width}x{height} = {width * height:,} pixels exceeds the "
-                                  f"limit of {limit:,} for a {kind} TIFF page")
+                                  f"limit of {MAX_SLIDE_PIXELS:,} for a slide")
+        if page.is_tiled:
+            piece, kind = page.tilewidth * page.tilelength, "tile"
+        else:
+            piece, kind = width * min(page.rowsperstrip or height, height), "untiled strip"
+        if piece > limits.max_pixels:
+            raise SlideUnreadable(f"one {kind} of {piece:,} pixels exceeds the limit of "
+                                  f"{limits.max_pixels:,} decoded at once "
+                                  f"({width}x{height} page)")
 
 
 @dataclass(frozen=True)
