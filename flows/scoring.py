@@ -21,6 +21,7 @@ from cellpipe.serving.triton_config import published_model_name
 from cellpipe.slides.batch import (
     InboxSlide,
     ModelKey,
+    ScoringStopped,
     SlideOutcome,
     inbox_filesystem,
     list_inbox,
@@ -69,8 +70,8 @@ def score_one(slide: InboxSlide, inbox: str, out: Path, url: str, protocol: str,
 
 @task(name="report")
 def report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
-           started: str) -> dict:
-    return write_run_report(out, inbox, model, outcomes, started)
+           started: str, stopped: str | None = None) -> dict:
+    return write_run_report(out, inbox, model, outcomes, started, stopped=stopped)
 
 
 @flow(name="scoring", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -89,7 +90,10 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     futures = score_one.map(slides, inbox=unmapped(inbox), out=unmapped(results),
                             url=unmapped(url), protocol=unmapped(protocol),
                             model=unmapped(model), params=unmapped(params))
-    outcomes = [future.result() for future in futures]
+    outcomes, stopped = _gather(futures)
+    if stopped is not None:  # the slides done so far are reported, as the CLI does
+        report(results, inbox, model, outcomes, started, stopped=str(stopped))
+        raise stopped
     run = report(results, inbox, model, outcomes, started)
     logger.info("%s", run["totals"])
     create_markdown_artifact(key="slide-summaries", markdown=_markdown(outcomes),
@@ -113,6 +117,17 @@ def scoring_on_dask(workers: int = 2, address: str | None = None):  # noqa: ANN2
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                                 "dashboard_address": None})
     return scoring.with_options(task_runner=runner)
+
+
+def _gather(futures: list) -> tuple[list[SlideOutcome], ScoringStopped | None]:
+    """Every slide task's outcome, and the first server or disk failure among them."""
+    outcomes, stopped = [], None
+    for future in futures:
+        try:
+            outcomes.append(future.result())
+        except ScoringStopped as error:
+            stopped = stopped or error
+    return outcomes, stopped
 
 
 def _local_server_url(state_dir: Path, protocol: str) -> str:

@@ -119,39 +119,61 @@ def test_a_classifier_error_names_the_slide_in_flight_and_stops(tmp_path: Path,
     assert str(failure) in report["stopped"] and report["totals"]["scored"] == 0
 
 
-def test_the_prefect_flow_quarantines_a_poison_slide_and_scores_the_rest(tmp_path: Path,
-                                                                        monkeypatch) -> None:
-    """The scoring flow's per-slide task shares score_and_write, and so its guarantees."""
+class _LocalClient(ColourRuleClassifier):
+    """Stands in for TritonClassifier in the flow: the colour rules, no server."""
+
+    server_down = False  # every classification fails, as with a server that went away
+
+    def __init__(self, *_: object, **__: object) -> None:
+        super().__init__()
+
+    def __enter__(self) -> _LocalClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def pin_served_version(self) -> str:
+        return "1"
+
+    def classify_images(self, images: np.ndarray) -> np.ndarray:
+        if self.server_down:
+            raise CellpipeError("Triton at 127.0.0.1:1 (grpc) failed after 2 retries")
+        return super().classify_images(images)
+
+
+def _run_flow(tmp_path: Path, inbox: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     import flows.scoring as scoring_flow
 
-    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
-    tifffile.imwrite(inbox / "poison.tif", np.zeros((64, 64, 5), np.uint8),
-                     photometric="minisblack", planarconfig="contig")
-
-    class LocalClient(ColourRuleClassifier):
-        def __init__(self, *_: object, **__: object) -> None:
-            super().__init__()
-
-        def __enter__(self) -> LocalClient:
-            return self
-
-        def __exit__(self, *_: object) -> None:
-            pass
-
-        def pin_served_version(self) -> str:
-            return "1"
-
-    monkeypatch.setattr(scoring_flow, "TritonClassifier", LocalClient)
+    monkeypatch.setattr(scoring_flow, "TritonClassifier", _LocalClient)
     params_file = tmp_path / "params.yaml"
     params_file.write_text("score:\n  cells:\n    cell_diameter: 40\n")
     with prefect_test_harness(server_startup_timeout=90):
-        run = scoring_flow.scoring(str(inbox), str(out), url="127.0.0.1:1",
-                                   model_name="colour_rules", params_file=str(params_file))
+        return scoring_flow.scoring(str(inbox), str(out), url="127.0.0.1:1",
+                                    model_name="colour_rules", params_file=str(params_file))
+
+
+def test_the_prefect_flow_quarantines_a_poison_slide_and_scores_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scoring flow's per-slide task shares score_and_write, and so its guarantees;
+    a server failure stops the flow, which still reports what it did and why it stopped."""
+    inbox, out = smear_inbox(tmp_path, 2), tmp_path / "results"
+    tifffile.imwrite(inbox / "poison.tif", np.zeros((64, 64, 5), np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    monkeypatch.setattr(_LocalClient, "server_down", True)
+    with pytest.raises(ServerFailed, match="failed after 2 retries"):
+        _run_flow(tmp_path, inbox, out, monkeypatch)
+    stopped = json.loads((out / "report.json").read_text())
+    assert "failed after 2 retries" in stopped["stopped"]
+    assert stopped["totals"]["scored"] == 0 and not list((out / "slides").glob("slide_*"))
+
+    monkeypatch.setattr(_LocalClient, "server_down", False)
+    run = _run_flow(tmp_path, inbox, out, monkeypatch)
     assert run["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
     assert "channel count 5" in _reasons(run)["poison.tif"]
-
+    assert "stopped" not in run
 
 
 def test_a_server_failing_while_its_contract_is_read_stops_the_batch(tmp_path: Path) -> None:
