@@ -72,3 +72,31 @@ def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's content, read in blocks."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# --- what ingest and scoring refuse to read: one rule each, reasons worded by the caller ---
+
+
+def is_hidden(relative: str) -> bool:
+    """Whether a path relative to a source or inbox has a part starting with '.'."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def is_utf8(name: str) -> bool:
+    """Whether ``name`` is valid UTF-8 (undecodable bytes come as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def displayable(name: str) -> str:
+    """``name`` as UTF-8 text, its undecodable bytes shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def outside(path: Path, root: Path) -> Path | None:
+    """Where ``path`` really leads, when a link takes it outside ``root``; else None."""
+    target = path.resolve()
+    return None if target.is_relative_to(root.resolve()) else target

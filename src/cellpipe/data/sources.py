@@ -24,6 +24,7 @@ from typing import Literal
 
 from cellpipe.data.imageio import IMAGE_SUFFIXES
 from cellpipe.errors import InputError
+from cellpipe.fsutil import displayable, is_hidden, is_utf8, outside
 
 Layout = Literal["auto", "class_folders", "filename_labels", "voc"]
 
@@ -284,7 +285,7 @@ class _Walk:
     rejected list."""
 
     def __init__(self, root: Path, links_out: bool) -> None:
-        self.root, self.resolved_root, self.links_out = root, root.resolve(), links_out
+        self.root, self.links_out = root, links_out
         self.refused_links: list[Rejection] = []
 
     def files(self, folder: Path) -> Iterator[Path]:
@@ -297,11 +298,12 @@ class _Walk:
                     folders.remove(name)  # a linked folder out of the source: not entered
             found += [here / name for name in names]
         for path in sorted(found):
-            if _is_hidden(path.relative_to(self.root)) or self._refuse(path):
+            relative = path.relative_to(self.root).as_posix()
+            if is_hidden(relative) or self._refuse(path):
                 continue
-            if not _utf8(path.relative_to(self.root).as_posix()):
+            if not is_utf8(relative):
                 self.refused_links.append(Rejection(
-                    _displayable(path.relative_to(self.root).as_posix()),
+                    displayable(relative),
                     "file name is not valid UTF-8 (e.g. Latin-1 from an old file share): "
                     "rename it to ingest it"))
                 continue
@@ -309,10 +311,8 @@ class _Walk:
 
     def _refuse(self, path: Path) -> bool:
         """Record ``path`` as refused when it resolves outside the source folder."""
-        if self.links_out:
-            return False
-        target = path.resolve()
-        if target.is_relative_to(self.resolved_root):
+        target = None if self.links_out else outside(path, self.root)
+        if target is None:
             return False
         self.refused_links.append(Rejection(
             path.relative_to(self.root).as_posix(),
@@ -321,28 +321,11 @@ class _Walk:
         return True
 
 
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
-        return False
-    return True
-
-
-def _displayable(name: str) -> str:
-    """``name`` as UTF-8 text, its undecodable bytes shown as U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
 def _hidden_files(root: Path) -> list[Rejection]:
     """Every hidden file below ``root`` (or below a hidden folder), with the reason."""
-    return [Rejection(_displayable(path.relative_to(root).as_posix()), HIDDEN_REASON)
+    return [Rejection(displayable(path.relative_to(root).as_posix()), HIDDEN_REASON)
             for path in sorted(root.rglob("*"))
-            if _is_hidden(path.relative_to(root)) and not path.is_dir()]
+            if is_hidden(path.relative_to(root).as_posix()) and not path.is_dir()]
 
 
 def _is_image(file: Path) -> bool:

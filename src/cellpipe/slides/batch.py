@@ -44,7 +44,15 @@ from tqdm import tqdm
 
 from cellpipe.data.imageio import ImageRejected
 from cellpipe.errors import CellpipeError
-from cellpipe.fsutil import atomic_dir, atomic_path, file_sha256, write_json
+from cellpipe.fsutil import (
+    atomic_dir,
+    atomic_path,
+    file_sha256,
+    is_hidden,
+    is_utf8,
+    outside,
+    write_json,
+)
 from cellpipe.redact import redact_text, redact_url
 from cellpipe.slides.readers import SLIDE_SUFFIXES, SlideUnreadable, open_slide
 from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
@@ -143,11 +151,9 @@ def list_inbox(inbox: str, *, links_out: bool = False,
 
 def _undecodable(name: str) -> str | None:
     """A name that is not UTF-8 (Latin-1 from an old file share) cannot go into a report."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "file name is not valid UTF-8: not scored; rename it to score it"
-    return None
+    if is_utf8(name):
+        return None
+    return "file name is not valid UTF-8: not scored; rename it to score it"
 
 
 def _not_regular(path: Path) -> str | None:
@@ -158,15 +164,15 @@ def _not_regular(path: Path) -> str | None:
 
 
 def _hidden(name: str) -> str | None:
-    if any(part.startswith(".") for part in name.split("/")):
+    if is_hidden(name):
         return "hidden file (a name part starts with '.'): ignored; rename it to score it"
     return None
 
 
 def _link_out_of(root: Path, path: Path) -> str | None:
     """Why a file is refused: it is (or lies under) a link that resolves outside the inbox."""
-    target = path.resolve()
-    if target.is_relative_to(root.resolve()):
+    target = outside(path, root)
+    if target is None:
         return None
     return (f"symbolic link to {target}, outside the inbox: not followed "
             f"(score.follow_links_out: true allows it)")
