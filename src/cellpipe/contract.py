@@ -2,9 +2,11 @@
 
 It is created by training from the shards' description and the backbone, stored
 in the checkpoint, and (in later stages) drives the ONNX export, config.pbtxt,
-labels.txt, Triton's preprocess model and the client. :func:`to_model_input` is
-the one evaluation transform: training, evaluation and serving all call it, so
-the preprocessing cannot drift between them.
+labels.txt, Triton's preprocess model and the client. Scoring takes from it how a
+found cell is cropped (the geometry ingest cut the training objects with) and how a
+deep slide is scaled to 8 bits, so no scoring setting can restate them differently.
+:func:`to_model_input` is the one evaluation transform: training, evaluation and
+serving all call it, so the preprocessing cannot drift between them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cellpipe.data.geometry import CropGeometry
 from cellpipe.data.imageio import decode_rgb
 from cellpipe.data.transforms import fit_square
 
@@ -31,6 +34,9 @@ class ModelContract:
     pad_value: int = 0
     resample: str = "bilinear"
     bit_depth_scaling: str = "percentile"
+    # How objects were cut from annotated slides; None: trained on whole images (crops
+    # made elsewhere), so scoring falls back to :data:`DEFAULT_CROP`.
+    crop: CropGeometry | None = None
     # Tensor names and layout.
     input_name: str = "image"
     output_name: str = "logits"
@@ -44,15 +50,27 @@ class ModelContract:
         """C×H×W of one input (the batch axis is dynamic)."""
         return (self.channels, self.image_size, self.image_size)
 
+    @property
+    def crop_geometry(self) -> CropGeometry:
+        """The geometry scoring crops found objects with."""
+        return self.crop or DEFAULT_CROP
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelContract:
+        """The contract from :meth:`to_dict`'s output (older contracts lack ``crop``)."""
         fields = dict(data)
         for key in ("class_names", "mean", "std"):
             fields[key] = tuple(fields[key])
+        if fields.get("crop") is not None:
+            fields["crop"] = CropGeometry(**fields["crop"])
         return cls(**fields)
+
+
+# Scoring's crop for a model trained on whole images: ingest.voc's defaults.
+DEFAULT_CROP = CropGeometry()
 
 
 def to_model_input(images: np.ndarray, contract: ModelContract) -> np.ndarray:

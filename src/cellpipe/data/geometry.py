@@ -62,6 +62,24 @@ def crop_box(box: Box, image_width: int, image_height: int, *,
     return Box(x0, y0, x1, y1)
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """How an object's box becomes the crop a model sees (see :func:`crop_box`).
+
+    Ingest crops the training objects with it; it travels in the manifest, the shards'
+    description and the model contract, so scoring crops found cells exactly alike.
+    """
+
+    pad_fraction: float = 0.15
+    square: bool = True
+    border: BorderRule = "fill"
+
+    def crop(self, box: Box, image_width: int, image_height: int) -> Box:
+        """The crop box of ``box`` in an image of this size."""
+        return crop_box(box, image_width, image_height, pad_fraction=self.pad_fraction,
+                        square=self.square, border=self.border)
+
+
 def cut(image: np.ndarray, box: Box, fill: int = 0) -> np.ndarray:
     """The H×W(×C) pixels of ``box``; where it leaves ``image``, they are ``fill``."""
     height, width = image.shape[:2]

@@ -3,20 +3,23 @@
 One row per model input: a whole image, one page of a multi-page TIFF, or one
 object cropped from an annotated slide. Later stages never walk the source
 folders; they read this table. The ordered class list travels inside the
-Parquet file's metadata, so the table alone says what label index 0 means.
+Parquet file's metadata, so the table alone says what label index 0 means, and so
+does the crop geometry of annotated objects, which the model contract carries on
+to scoring.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cellpipe.data.geometry import CropGeometry
 from cellpipe.data.sources import Rejection
 from cellpipe.fsutil import atomic_path
 
@@ -37,10 +40,12 @@ _METADATA_KEY = b"cellpipe"
 
 @dataclass(frozen=True)
 class Manifest:
-    """The manifest table and its ordered class list."""
+    """The manifest table, its ordered class list, and how its crops were cut."""
 
     rows: pd.DataFrame
     classes: tuple[str, ...]
+    # None when the source gave whole images (already crops, or tiles): nothing was cut.
+    crop: CropGeometry | None = None
 
     def label_index(self) -> pd.Series:
         """Integer label per row (position in ``classes``), -1 for unlabeled rows."""
@@ -64,7 +69,9 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write the manifest to Parquet atomically, with the class list in its metadata."""
     table = pa.Table.from_pandas(conform(manifest.rows), preserve_index=False)
     metadata = dict(table.schema.metadata or {})
-    metadata[_METADATA_KEY] = json.dumps({"classes": list(manifest.classes)}).encode()
+    crop = asdict(manifest.crop) if manifest.crop else None
+    metadata[_METADATA_KEY] = json.dumps({"classes": list(manifest.classes),
+                                          "crop": crop}).encode()
     with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata(metadata), tmp)
 
@@ -75,7 +82,8 @@ def read_manifest(path: Path) -> Manifest:
     info = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
     if "classes" not in info:
         raise ValueError(f"{path} is not a cellpipe manifest (no class list in its metadata)")
-    return Manifest(conform(table.to_pandas()), tuple(info["classes"]))
+    crop = CropGeometry(**info["crop"]) if info.get("crop") else None
+    return Manifest(conform(table.to_pandas()), tuple(info["classes"]), crop)
 
 
 def write_rejections(rejections: Sequence[Rejection], path: Path) -> None:

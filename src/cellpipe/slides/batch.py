@@ -292,7 +292,8 @@ def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path
             _release(out, slide)
             return SlideOutcome(slide.name, "skipped", f"slides/{done}")
         started = time.perf_counter()
-        with open_slide(path) as reader:
+        # Deep (16-bit, float) slides are scaled to 8 bits as the model's training images were.
+        with open_slide(path, scaling=classifier.contract.bit_depth_scaling) as reader:
             result = score_slide(reader, classifier, params)
             dimensions = reader.dimensions
         summary = _summary(slide, sha256, dimensions, result, params, model, started)

@@ -1,9 +1,10 @@
 """Score one slide: read → find objects → infer → post-process, with timings per phase.
 
 The classifier is anything with a ``contract`` and ``classify_images`` (the Triton client
-in production, onnxruntime in-process for checks). Every object is cropped exactly as
-ingest cropped the training objects (``crop_box``) and fitted to the model's input as
-preprocess did (``fit_to_contract``), so the served model sees what it learned from.
+in production, onnxruntime in-process for checks). Every object is cropped with the
+geometry ingest cut the training objects with, which the model's contract carries, and
+fitted to the model's input as preprocess did (``fit_to_contract``), so the served model
+sees what it learned from.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Literal, Protocol
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cellpipe.contract import ModelContract, fit_to_contract
-from cellpipe.data.geometry import BorderRule, Box, crop_box, cut
+from cellpipe.data.geometry import Box, cut
 from cellpipe.params import StageParams
 from cellpipe.slides.cells import CellFinderParams, FoundCell, find_cells
 from cellpipe.slides.readers import SlideReader
@@ -47,10 +48,6 @@ class ScoreParams(StageParams):
     mode: Literal["cells", "tiles"] = "cells"
     cells: CellFinderParams = CellFinderParams()
     tiles: TileParams = TileParams()
-    pad_fraction: float = Field(0.15, ge=0, le=2,
-                                description="crop margin × the object's longer side, as ingest")
-    border: BorderRule = Field("fill", description="crops at the image border, as ingest: "
-                                                   "fill (stay centred) | shift (move inside)")
     nucleated_classes: tuple[str, ...] = Field(
         ("WBC",), description="classes only a stained object can be (a white cell has a nucleus)")
     merge_overlap: float = Field(0.3, gt=0, le=1,
@@ -68,6 +65,21 @@ class ScoreParams(StageParams):
                                               "batch stops (the slide stays pending)")
     follow_links_out: bool = Field(False, description="score symbolic links that resolve "
                                                       "outside the inbox (refused by default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_restated_contract(cls, data: object) -> object:
+        """Name the keys that moved into the model contract instead of "extra field"."""
+        moved = sorted(set(data) & _MOVED_TO_CONTRACT) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(
+                f"score.{', score.'.join(moved)}: the crop geometry now comes from the served "
+                "model's contract (ingest.voc.pad_fraction / square / border at training "
+                "time); delete these keys from the score section")
+        return data
+
+
+_MOVED_TO_CONTRACT = {"pad_fraction", "border", "square"}
 
 
 @dataclass
@@ -136,7 +148,7 @@ def _score_cells(reader: SlideReader, page: int, classifier: ImageClassifier,
         with timer.phase("find"):
             cells = [cell for cell in find_cells(field_rgb, params.cells)
                      if _centre_inside(cell.box, core, read_box)]
-            crops = [_crop(field_rgb, cell, params, contract) for cell in cells]
+            crops = [_crop(field_rgb, cell, contract) for cell in cells]
         if not cells:
             continue
         with timer.phase("infer"):
@@ -187,11 +199,9 @@ def resolve_cells(boxes: list[Box], stained: np.ndarray, probabilities: np.ndarr
     return labels, keep
 
 
-def _crop(field_rgb: np.ndarray, cell: FoundCell, params: ScoreParams,
-          contract: ModelContract) -> np.ndarray:
+def _crop(field_rgb: np.ndarray, cell: FoundCell, contract: ModelContract) -> np.ndarray:
     height, width = field_rgb.shape[:2]
-    box = crop_box(cell.box, width, height, pad_fraction=params.pad_fraction, square=True,
-                   border=params.border)
+    box = contract.crop_geometry.crop(cell.box, width, height)  # as ingest cut training cells
     return fit_to_contract(cut(field_rgb, box, fill=contract.pad_value), contract)
 
 

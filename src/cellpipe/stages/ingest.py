@@ -18,7 +18,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
-from cellpipe.data.geometry import BorderRule, Box, crop_box
+from cellpipe.data.geometry import BorderRule, Box, CropGeometry
 from cellpipe.data.imageio import ImageLimits, ImageRejected, PageInfo, probe_image
 from cellpipe.data.manifest import (
     Manifest,
@@ -46,6 +46,11 @@ class VocParams(StageParams):
     border: BorderRule = Field("fill", description="at the image border: fill (crop stays "
                                                    "centred) | shift (crop moves inside)")
     min_object_size: int = Field(8, ge=1, description="shorter box side below this is rejected")
+
+    @property
+    def geometry(self) -> CropGeometry:
+        """The crop geometry, as the manifest and the model contract carry it."""
+        return CropGeometry(self.pad_fraction, self.square, self.border)
 
 
 class SplitParams(StageParams):
@@ -113,7 +118,10 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
                                   test_fraction=params.split.test_fraction, seed=params.split.seed)
     rows, duplicates, duplicate_rejections = drop_cross_split_duplicates(rows)
     rejections += duplicate_rejections
-    manifest = Manifest(conform(rows.drop(columns="group")), classes)
+    # Only annotated slides are cut into crops; their geometry travels to scoring.
+    cut = any(item.objects is not None for item in found.items)
+    manifest = Manifest(conform(rows.drop(columns="group")), classes,
+                        params.voc.geometry if cut else None)
     metrics = _metrics(manifest, rejections, duplicates)
     return IngestResult(manifest, rejections, duplicates, metrics, hidden=found.hidden)
 
@@ -239,9 +247,7 @@ def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, k
                       f"ingest.voc.min_object_size = {voc.min_object_size}")
             rejections.append(Rejection(item.path, reason))
             continue
-        crop = crop_box(Box(x0, y0, x1, y1), page.width, page.height,
-                        pad_fraction=voc.pad_fraction, square=voc.square,
-                        border=voc.border)
+        crop = voc.geometry.crop(Box(x0, y0, x1, y1), page.width, page.height)
         records.append({**base, "label": obj.label, "page": page.index,
                         "x0": crop.x0, "y0": crop.y0, "x1": crop.x1, "y1": crop.y1,
                         "width": crop.width, "height": crop.height})

@@ -8,7 +8,7 @@ rejected list, metrics and a contact sheet, all atomically.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,5 +149,7 @@ def _meta(manifest: Manifest, params: PreprocessParams, counts: dict[str, int]) 
         "pad_value": params.pad_value,
         "resample": params.resample,
         "bit_depth_scaling": params.bit_depth_scaling,
+        # How ingest cut annotated objects (null: the source gave whole images).
+        "crop": asdict(manifest.crop) if manifest.crop else None,
         "counts": counts,
     }

@@ -23,6 +23,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
 
 from cellpipe.contract import ModelContract
+from cellpipe.data.geometry import CropGeometry
 from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine import distributed
@@ -95,6 +96,7 @@ def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelC
         mean=tuple(params.mean or backbone.mean), std=tuple(params.std or backbone.std),
         resize=meta["resize"], pad_value=meta["pad_value"], resample=meta["resample"],
         bit_depth_scaling=meta["bit_depth_scaling"],
+        crop=CropGeometry(**meta["crop"]) if meta.get("crop") else None,
     )
 
 
