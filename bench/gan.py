@@ -201,7 +201,7 @@ def run_bench(name: str, bench: GanBench, scratch: Path, epochs: int | None) -> 
     rows = [_real_reference(name, bench, shards)]
     for label in bench.gans:
         gan, out = GANS[label], scratch / label.split()[0]
-        params = augment_stage.AugmentParams.model_validate({
+        params = augment_stage.AugmentStageParams.model_validate({
             "enabled": True, **bench.augment,
             "gan": {**gan, "resolution": bench.resolution, "epochs": epochs or bench.epochs,
                     "sample_every": epochs or bench.epochs,

@@ -1,7 +1,8 @@
 """Deployments of the two flows with cron schedules, served by one process.
 
-``cellpipe flows serve`` starts a local Prefect server (schedules need one), points
-Prefect at it and calls :func:`serve_deployments`; SIGTERM stops it.
+``cellpipe flows serve`` (``python -m flows serve``, see ``flows/__main__.py``) starts a
+local Prefect server (schedules need one), points Prefect at it and calls
+:func:`serve_deployments`; SIGTERM stops it.
 """
 
 from __future__ import annotations

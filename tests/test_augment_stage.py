@@ -19,7 +19,7 @@ from cellpipe.gan.pool import UnlabeledPoolParams, pseudo_labelled_pool
 from cellpipe.gan.quality import FeatureSpace
 from cellpipe.stages import augment as augment_stage
 from cellpipe.stages import train as train_stage
-from cellpipe.stages.augment import AugmentParams, synthetic_counts
+from cellpipe.stages.augment import AugmentStageParams, synthetic_counts
 from cellpipe.stages.train import TrainParams
 from conftest import write_shards
 
@@ -54,15 +54,15 @@ def _split_bytes(shards: Path) -> dict[str, str]:
 def test_counts_balance_up_to_the_largest_class_or_are_fixed() -> None:
     labels = np.array([0] * 50 + [1] * 10 + [2] * 30)
     names = list(CLASSES)
-    assert synthetic_counts(labels, names, AugmentParams(enabled=True)) == {1: 40, 2: 20}
-    assert synthetic_counts(labels, names, AugmentParams(classes=["green"], count=5)) == {1: 5}
+    assert synthetic_counts(labels, names, AugmentStageParams(enabled=True)) == {1: 40, 2: 20}
+    assert synthetic_counts(labels, names, AugmentStageParams(classes=["green"], count=5)) == {1: 5}
     with pytest.raises(InputError, match="not among the classes"):
-        synthetic_counts(labels, names, AugmentParams(classes=["purple"]))
+        synthetic_counts(labels, names, AugmentStageParams(classes=["purple"]))
 
 
 def test_augment_writes_labelled_synthetic_train_images_with_provenance(
         shards: Path, tmp_path: Path) -> None:
-    params = AugmentParams.model_validate(
+    params = AugmentStageParams.model_validate(
         {"enabled": True, "classes": ["green"], "count": 12, "gan": TINY_GAN})
     before = _split_bytes(shards)
     metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")
@@ -83,7 +83,7 @@ def test_augment_writes_labelled_synthetic_train_images_with_provenance(
 
 def test_disabled_augment_writes_an_empty_set_that_training_accepts(
         shards: Path, tmp_path: Path) -> None:
-    metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", AugmentParams(),
+    metrics = augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", AugmentStageParams(),
                                 device="cpu")
     assert metrics == {"enabled": False, "synthetic_images": 0}
     assert pd.read_csv(tmp_path / "out" / "pseudo_labels.csv").empty
@@ -97,7 +97,7 @@ def test_gan_learns_also_from_confident_pseudo_labelled_unlabeled_images(
     class order); only labels above the threshold and within the cap join the pool."""
     shards = write_shards(tmp_path / "shards", CLASSES,
                           {"train": 30, "val": 10, "test": 10, "unlabeled": 20})
-    params = AugmentParams.model_validate(
+    params = AugmentStageParams.model_validate(
         {"enabled": True, "count": 4, "gan": TINY_GAN,
          "unlabeled": {"enabled": True, "threshold": 0.6, "max_per_class": 15,
                        "max_class_ratio": 10}})
@@ -122,7 +122,7 @@ def test_gan_learns_also_from_confident_pseudo_labelled_unlabeled_images(
 
 
 def test_pseudo_labelled_gan_pool_needs_an_unlabeled_split(shards: Path, tmp_path: Path) -> None:
-    params = AugmentParams.model_validate(
+    params = AugmentStageParams.model_validate(
         {"enabled": True, "count": 2, "gan": TINY_GAN, "unlabeled": {"enabled": True}})
     with pytest.raises(InputError, match="augment.unlabeled.enabled needs an 'unlabeled' split"):
         augment_stage.run(shards, tmp_path / "out", tmp_path / "gan", params, device="cpu")

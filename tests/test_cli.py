@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellpipe.cli import build_parser, main
+from cellpipe.cli import STAGES, build_parser, main, stage_module
+from cellpipe.params import StageParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,28 @@ def test_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
                 if line.startswith("    ") and not line.startswith("     ")}
     stages = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     assert stages <= commands, f"stages without a command: {sorted(stages - commands)}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_stage_has_the_same_face(name: str) -> None:
+    """SECTION, Params, add_arguments, a core function named after the stage, and run(),
+    whose every parameter but params is an option that add_arguments defines."""
+    import argparse
+    import inspect
+
+    stage = stage_module(name)
+    assert name == stage.SECTION
+    assert issubclass(stage.Params, StageParams)
+    assert callable(getattr(stage, name)) and callable(stage.run)
+    parser = argparse.ArgumentParser()
+    stage.add_arguments(parser)
+    options = {action.dest for action in parser._actions} - {"help"}
+    wanted = set(inspect.signature(stage.run).parameters) - {"params"}
+    assert wanted == options, f"run() parameters {sorted(wanted)} != options {sorted(options)}"
+
+
+def test_every_dvc_stage_is_a_cli_stage() -> None:
+    assert list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == list(STAGES)
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -51,7 +74,7 @@ def test_module_entry_point() -> None:
 
 def test_clients_default_to_the_model_name_publish_gives(tmp_path: Path) -> None:
     """publish.model_name is the one place that names the served model."""
-    from cellpipe.cli import _model_name
+    from cellpipe.commands.servers import model_name as _model_name
     from cellpipe.serving.triton_config import DEFAULT_MODEL_NAME, published_model_name
 
     params = tmp_path / "params.yaml"

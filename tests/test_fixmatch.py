@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from cellpipe.engine.checkpoint import load_checkpoint, load_model
-from cellpipe.engine.data import AugmentParams, build_augment
-from cellpipe.engine.fixmatch import (
+from cellpipe.engine.data import TrainAugmentParams, build_augment
+from cellpipe.errors import InputError
+from cellpipe.methods.fixmatch import (
     FixMatch,
     FixMatchParams,
     TwoViews,
     build_strong_augment,
     consistency_loss,
 )
-from cellpipe.errors import InputError
 from cellpipe.stages import evaluate as evaluate_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.train import TrainParams
@@ -87,7 +87,7 @@ def test_distribution_alignment_tracks_the_running_mean_of_predictions(shards: P
 
     contract = make_contract(read_meta(shards), build_backbone("smallcnn", "none"), _params())
     images = np.zeros((12, 16, 16, 3), np.uint8)
-    identity = build_augment(AugmentParams(flips=False, rotate90=False, affine_degrees=0,
+    identity = build_augment(TrainAugmentParams(flips=False, rotate90=False, affine_degrees=0,
                                            affine_translate=0, affine_scale=0, brightness=0,
                                            contrast=0, saturation=0, hue=0))
     params = FixMatchParams(distribution_alignment=True, alignment_momentum=0.5)
@@ -107,7 +107,7 @@ def test_two_views_are_uint8_images_and_the_strong_one_differs_more() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
-    no_weak = build_augment(AugmentParams(flips=False, rotate90=False, affine_degrees=0,
+    no_weak = build_augment(TrainAugmentParams(flips=False, rotate90=False, affine_degrees=0,
                                           affine_translate=0, affine_scale=0, brightness=0,
                                           contrast=0, saturation=0, hue=0))
     strong = build_strong_augment(no_weak, FixMatchParams(strong_ops=2, strong_magnitude=15,
@@ -125,7 +125,7 @@ def test_fixmatch_labels_unlabelled_images_and_trains_a_classifier_evaluate_read
         shards: Path, manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="cellpipe.engine.fixmatch"):
+    with caplog.at_level(logging.INFO, logger="cellpipe.methods.fixmatch"):
         metrics = train_stage.run(shards, manifest, out, out / "model.pt", _params(),
                                   device="cpu")
     epochs = [record.getMessage() for record in caplog.records
@@ -172,12 +172,12 @@ def test_a_threshold_label_smoothing_puts_out_of_reach_is_warned_about(
         shards: Path, manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Three classes, smoothing 0.3: the true class is trained towards 1 - 0.3 * 2/3 = 0.8.
     params = _params(label_smoothing=0.3, phases=[{"trainable": "all", "epochs": 1, "lr": 0.01}])
-    with caplog.at_level(logging.WARNING, logger="cellpipe.engine.fixmatch"):
+    with caplog.at_level(logging.WARNING, logger="cellpipe.methods.fixmatch"):
         train_stage.run(shards, manifest, tmp_path / "out", tmp_path / "out" / "model.pt",
                         params, device="cpu")
     assert "at or above 0.800" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cellpipe.engine.fixmatch"):
+    with caplog.at_level(logging.WARNING, logger="cellpipe.methods.fixmatch"):
         train_stage.run(shards, manifest, tmp_path / "out2", tmp_path / "out2" / "model.pt",
                         params.model_copy(update={"label_smoothing": 0.1}), device="cpu")
     assert "at or above" not in caplog.text

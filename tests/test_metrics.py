@@ -14,7 +14,8 @@ from cellpipe.engine.metrics import (
     macro_f1_gain_lower_bound,
     softmax,
 )
-from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
+from cellpipe.engine.selection import select_pseudo_labels
+from cellpipe.methods.pseudo import PseudoLabelParams
 
 # Six predictions over three classes; the argmax is 0,0,1,1,2,0 for labels 0,1,1,2,2,0.
 LABELS = np.array([0, 1, 1, 2, 2, 0])

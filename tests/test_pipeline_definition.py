@@ -12,7 +12,7 @@ import yaml
 
 from cellpipe.codefiles import imported_code
 from cellpipe.params import StageParams, flat_keys, load_section
-from cellpipe.stages.augment import AugmentParams
+from cellpipe.stages.augment import AugmentStageParams
 from cellpipe.stages.evaluate import EvaluateParams
 from cellpipe.stages.export import ExportParams
 from cellpipe.stages.ingest import IngestParams
@@ -24,7 +24,7 @@ from conftest import REPO
 STAGES: dict[str, tuple[str, type[StageParams]]] = {
     "ingest": ("cellpipe.stages.ingest", IngestParams),
     "preprocess": ("cellpipe.stages.preprocess", PreprocessParams),
-    "augment": ("cellpipe.stages.augment", AugmentParams),
+    "augment": ("cellpipe.stages.augment", AugmentStageParams),
     "train": ("cellpipe.stages.train", TrainParams),
     "evaluate": ("cellpipe.stages.evaluate", EvaluateParams),
     "export": ("cellpipe.stages.export", ExportParams),
@@ -72,17 +72,17 @@ def test_every_module_a_stage_imports_is_a_dvc_dependency(stage: str) -> None:
 
 
 def test_imported_code_covers_what_python_loads_and_imports_inside_functions() -> None:
-    # What a fresh interpreter loads misses imports inside functions: cli imports the
-    # stages only when a command runs.
+    # What a fresh interpreter loads misses imports inside functions: `cellpipe score`
+    # imports the slide batch only when the command runs.
     listing = subprocess.run(
         [sys.executable, "-c",
-         "import json, sys, cellpipe.cli; print(json.dumps([m.__file__ for n, m in "
+         "import json, sys, cellpipe.commands.score; print(json.dumps([m.__file__ for n, m in "
          "sys.modules.items() if n.startswith('cellpipe') and getattr(m, '__file__', None)]))"],
         capture_output=True, text=True, check=True,
     )
     loaded = {Path(f).resolve() for f in json.loads(listing.stdout)}
-    found = set(imported_code("cellpipe.cli"))
+    found = set(imported_code("cellpipe.commands.score"))
     assert {f for f in loaded if f.name != "__init__.py"} < found
-    train = REPO / "src/cellpipe/stages/train.py"
-    assert train in found and train not in loaded
+    batch = REPO / "src/cellpipe/slides/batch.py"
+    assert batch in found and batch not in loaded
     assert REPO / "src/cellpipe/codefiles.py" in set(imported_code("cellpipe.stages.train"))

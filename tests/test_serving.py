@@ -362,7 +362,7 @@ def test_publish_under_load_then_rollback(server: tuple[ServerInfo, Path],
     with TritonClassifier(info.grpc_url) as client:
         np.testing.assert_allclose(client.classify_images(images),
                                    _local(exported_other, images), atol=1e-6)
-    assert publish_stage.rollback(repository, params, url=info.http_url) == 1
+    assert publish_stage.roll_back(repository, params, url=info.http_url) == 1
     with TritonClassifier(info.grpc_url) as client:
         np.testing.assert_allclose(client.classify_images(images), _local(exported, images),
                                    atol=1e-6)

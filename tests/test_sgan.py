@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from cellpipe.engine.checkpoint import load_checkpoint, load_model
-from cellpipe.engine.sgan import SemiSupervisedGan, discriminator_loss, feature_matching_loss
 from cellpipe.errors import InputError
 from cellpipe.gan.nets import Generator
+from cellpipe.methods.sgan import SemiSupervisedGan, discriminator_loss, feature_matching_loss
 from cellpipe.stages import evaluate as evaluate_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.train import TrainParams

@@ -16,7 +16,7 @@ from cellpipe.contract import ModelContract, to_model_input
 from cellpipe.params import StageParams
 
 
-class AugmentParams(StageParams):
+class TrainAugmentParams(StageParams):
     """Microscopy augmentations; colour jitter stands in for stain variation."""
 
     flips: bool = True
@@ -38,7 +38,7 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(image, turns, dims=(-2, -1))
 
 
-def build_augment(params: AugmentParams, pad_value: int = 0) -> v2.Compose:
+def build_augment(params: TrainAugmentParams, pad_value: int = 0) -> v2.Compose:
     """uint8 C×H×W → uint8 C×H×W, drawing from torch's global RNG (seeded, resumable)."""
     ops: list[torch.nn.Module] = []
     if params.flips:

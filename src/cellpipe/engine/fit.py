@@ -21,7 +21,7 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -36,9 +36,9 @@ from cellpipe.contract import ModelContract
 from cellpipe.engine import distributed
 from cellpipe.engine.checkpoint import load_run_state, restore_rng, rng_state, save_run_state
 from cellpipe.engine.data import (
-    AugmentParams,
     ImageDataset,
     Shard,
+    TrainAugmentParams,
     build_augment,
     class_counts,
     feature_loader,
@@ -81,7 +81,7 @@ class FitParams(StageParams):
     cache_frozen_features: bool = True
     freeze_pretrained_bn: bool = True
     seed: int = 42
-    augment: AugmentParams = AugmentParams()
+    augment: TrainAugmentParams = TrainAugmentParams()
 
 
 @dataclass
@@ -92,6 +92,50 @@ class FitResult:
     # The best epoch's val predictions (argmax), aligned with the val labels, so a caller
     # can compare two fits image by image (the data gate's paired bootstrap).
     best_val_predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass
+class RunState:
+    """Where a fit stands after an epoch: enough to continue it, after a kill, exactly as
+    an uninterrupted run would.
+
+    On disk it is a plain dict (:meth:`to_checkpoint`, :meth:`from_checkpoint`), the
+    format checkpoints have always had: they load with ``weights_only=True``, which
+    refuses instances of Python classes such as this one.
+    """
+
+    phase: int  # index of the phase in progress; len(phases) once all are done
+    epoch: int  # epochs done in that phase
+    best_score: float  # best val macro-F1 so far (-1 before the first epoch)
+    stale: int  # epochs since best_score last rose (early stopping)
+    history: list[dict]  # one record per epoch, over all phases
+    best_state: dict  # the model's state dict at best_score
+    best_val_predictions: np.ndarray  # val arg-max predictions at best_score
+    # Saved after every epoch; None only before the first one.
+    model: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict | list[dict] | None = None  # see _rng_state: a list under DDP, one per rank
+    objective: dict | None = None  # the objective's own state (e.g. SGAN's generator)
+
+    @classmethod
+    def fresh(cls, model: nn.Module) -> RunState:
+        """The state before the first epoch: nothing trained, ``model``'s weights best."""
+        return cls(phase=0, epoch=0, best_score=-1.0, stale=0, history=[],
+                   best_state=copy.deepcopy(model.state_dict()),
+                   best_val_predictions=np.zeros(0, np.int64))
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> RunState:
+        """The state saved by :meth:`to_checkpoint` (keys it does not know, such as the
+        fingerprint, are left out; a key that older checkpoints lack stays None)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def to_checkpoint(self) -> dict:
+        """Plain data and tensors to save: one key per field, in field order; fields
+        still None (before the first epoch) are left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -130,26 +174,25 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
     model = device.prepare(model)
     # Rank 0 reads the run state and every rank continues from it: the same weights,
     # optimiser and history everywhere, even where other hosts cannot see rank 0's disk.
-    state = distributed.broadcast_object(
+    saved = distributed.broadcast_object(
         load_run_state(checkpoint, fingerprint) if distributed.is_main() else None)
-    resuming = state is not None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state.get("objective", {}))
+    resuming = saved is not None
+    if saved is not None:
+        state = RunState.from_checkpoint(saved)
+        model.load_state_dict(state.model)
+        objective.load_state_dict(state.objective or {})
         log.info("%sresuming after phase %d epoch %d (of a killed or earlier run)",
-                 tag, state["phase"] + 1, state["epoch"])
+                 tag, state.phase + 1, state.epoch)
     else:
-        state = {"phase": 0, "epoch": 0, "best_score": -1.0, "stale": 0, "history": [],
-                 "best_state": copy.deepcopy(model.state_dict()),
-                 "best_val_predictions": np.zeros(0, np.int64)}
+        state = RunState.fresh(model)
     num_classes = len(contract.class_names)
     loss_fn = _loss(train.labels, num_classes, params).to(device.torch_device)
-    for index in range(state["phase"], len(params.phases)):
+    for index in range(state.phase, len(params.phases)):
         phase = params.phases[index]
         # RNG states are restored where they were saved, so that building the loaders
         # (which draws seeds) replays exactly as in an uninterrupted run.
-        if resuming and state["epoch"] == 0:
-            _restore_rng(state["rng"], generator)
+        if resuming and state.epoch == 0:
+            _restore_rng(state.rng, generator)
             resuming = False
         _set_trainable(model, phase)
         cached = phase.trainable == "head" and params.cache_frozen_features
@@ -161,18 +204,18 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         warmup_steps = round(params.warmup_fraction * total_steps)
         scheduler = warmup_cosine(optimizer, total_steps, warmup_steps)
         if resuming:  # inside this phase
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _restore_rng(state["rng"], generator)
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            _restore_rng(state.rng, generator)
             resuming = False
         # Wrapped only now: DDP synchronises the parameters that require gradients when
         # it is built, and _set_trainable has just chosen them for this phase.
         trained = distributed.wrap(module, device.torch_device)
-        while state["epoch"] < phase.epochs and state["stale"] < params.early_stopping_patience:
+        while state.epoch < phase.epochs and state.stale < params.early_stopping_patience:
             started = time.perf_counter()
             _train_mode(model, module, phase, pretrained and params.freeze_pretrained_bn)
-            desc = f"{tag}phase {index + 1}/{len(params.phases)} epoch {state['epoch'] + 1}"
-            set_epoch(train_batches, len(state["history"]))
+            desc = f"{tag}phase {index + 1}/{len(params.phases)} epoch {state.epoch + 1}"
+            set_epoch(train_batches, len(state.history))
             train_loss = objective.train_epoch(Epoch(model, trained, train_batches, optimizer,
                                                      scheduler, loss_fn, device, generator,
                                                      desc))
@@ -180,12 +223,12 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
             logits, labels = _validate(trained, val_batches, len(val), device)
             record = _epoch_record(state, index, phase, train_loss, logits, labels,
                                    optimizer, time.perf_counter() - started, cached)
-            state["history"].append(record)
+            state.history.append(record)
             _keep_if_best(state, model, record["val_macro_f1"], logits.argmax(1))
-            state["epoch"] += 1
-            state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=_rng_state(generator),
-                         objective=objective.state_dict())
+            state.epoch += 1
+            state.model, state.optimizer = model.state_dict(), optimizer.state_dict()
+            state.scheduler, state.rng = scheduler.state_dict(), _rng_state(generator)
+            state.objective = objective.state_dict()
             _save(checkpoint, state, fingerprint)
             # Logged after saving: an epoch in the log is an epoch a rerun will not repeat.
             log.info("%s: loss %.4f, val macro-F1 %.4f, val accuracy %.4f (%.1f s)", desc,
@@ -193,12 +236,12 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
                      record["seconds"])
         del trained  # its gradient hooks must not outlive the phase they were built for
         # The next phase starts from the best weights so far, not the last ones.
-        model.load_state_dict(state["best_state"])
-        state.update(phase=index + 1, epoch=0, stale=0, model=model.state_dict(),
-                     rng=_rng_state(generator))
+        model.load_state_dict(state.best_state)
+        state.phase, state.epoch, state.stale = index + 1, 0, 0
+        state.model, state.rng = model.state_dict(), _rng_state(generator)
         _save(checkpoint, state, fingerprint)
-    return FitResult(state["best_score"], state["best_state"], state["history"],
-                     state["best_val_predictions"])
+    return FitResult(state.best_score, state.best_state, state.history,
+                     state.best_val_predictions)
 
 
 # --- ranks (torchrun) ----------------------------------------------------------------------
@@ -231,10 +274,10 @@ def _restore_rng(saved: dict | list[dict], generator: torch.Generator) -> None:
     restore_rng(saved[distributed.rank()] if isinstance(saved, list) else saved, generator)
 
 
-def _save(checkpoint: Path, state: dict, fingerprint: str) -> None:
+def _save(checkpoint: Path, state: RunState, fingerprint: str) -> None:
     """Rank 0 writes the run state; the other ranks wait until it is on disk."""
     if distributed.is_main():
-        save_run_state(checkpoint, state, fingerprint)
+        save_run_state(checkpoint, state.to_checkpoint(), fingerprint)
     distributed.barrier()
 
 
@@ -323,13 +366,13 @@ def _loss(labels: np.ndarray, num_classes: int, params: FitParams) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
 
 
-def _epoch_record(state: dict, index: int, phase: PhaseParams, train_loss: float,
+def _epoch_record(state: RunState, index: int, phase: PhaseParams, train_loss: float,
                   logits: np.ndarray, labels: np.ndarray, optimizer: torch.optim.Optimizer,
                   seconds: float, cached: bool) -> dict:
     predictions = logits.argmax(1)
     val_loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
     return {
-        "epoch": len(state["history"]) + 1,
+        "epoch": len(state.history) + 1,
         "phase": index + 1,
         "trainable": str(phase.trainable),
         "cached_features": cached,
@@ -343,10 +386,12 @@ def _epoch_record(state: dict, index: int, phase: PhaseParams, train_loss: float
     }
 
 
-def _keep_if_best(state: dict, model: nn.Module, score: float,
+def _keep_if_best(state: RunState, model: nn.Module, score: float,
                   predictions: np.ndarray) -> None:
-    if score > state["best_score"]:
-        state.update(best_score=score, stale=0, best_state=copy.deepcopy(model.state_dict()),
-                     best_val_predictions=predictions)
+    """Keep the weights and val predictions of a new best score; else count a stale epoch."""
+    if score > state.best_score:
+        state.best_score, state.stale = score, 0
+        state.best_state = copy.deepcopy(model.state_dict())
+        state.best_val_predictions = predictions
     else:
-        state["stale"] += 1
+        state.stale += 1

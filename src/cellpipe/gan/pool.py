@@ -4,7 +4,7 @@ A class-conditional GAN learns each class only from images labelled with it, and
 scarce set (melanoma: 160 labelled train images) is far too little for that. With
 ``augment.unlabeled.enabled`` a linear probe (logistic regression on the offline
 EfficientNet-Lite0 features of the labelled train images) labels the ``unlabeled``
-split; its confident predictions, within the per-class caps of engine/pseudo.py,
+split; its confident predictions, within the per-class caps of engine/selection.py,
 join the pool. The GAN then learns from thousands of images, and its samples'
 labels are as right as the probe's, which is measured on val and reported.
 """
@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cellpipe.engine.pseudo import PseudoLabelSelection, select_pseudo_labels
+from cellpipe.engine.selection import PseudoLabelSelection, select_pseudo_labels
 from cellpipe.errors import InputError
 from cellpipe.gan.fit import GanData
 from cellpipe.gan.quality import FeatureSpace

@@ -1,4 +1,4 @@
-"""Evaluate stage: scores on the test split, calibration, and pictures of the errors.
+"""Evaluate stage: score the model on the test split, calibrate it, and draw its errors.
 
 Phases: load (checkpoint → classifier + contract) → infer (val and test logits)
 → calibrate (temperature fitted on val, saved beside the model for export) →
@@ -8,6 +8,7 @@ per-class table, predictions, confusion matrix, reliability diagram, mistakes).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from cellpipe.engine.metrics import (
 )
 from cellpipe.fsutil import write_json
 from cellpipe.params import StageParams
+from cellpipe.stages.options import add_device, add_path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,28 @@ class EvaluateParams(StageParams):
     calibration_bins: int = Field(15, ge=2, le=100)
     gallery_size: int = Field(24, ge=0, le=200)
     batch_size: int = Field(128, ge=1)
+
+
+SECTION = "evaluate"
+Params = EvaluateParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe evaluate``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "model", "checkpoint (model.pt)")
+    add_path(parser, "shards", "preprocess shards folder")
+    add_path(parser, "out", "reports folder")
+    add_path(parser, "calibration", "where to write the fitted temperature (JSON, beside the "
+                                    "model)")
+    add_device(parser)
+
+
+def run(model: Path, shards: Path, out: Path, calibration: Path, params: EvaluateParams, *,
+        device: str = "auto") -> dict:
+    """The stage as DVC runs it: every evaluation output under ``out``, the temperature in
+    ``calibration``."""
+    out.mkdir(parents=True, exist_ok=True)
+    return evaluate(model, shards, out, calibration, params, device=device)
 
 
 def evaluate(model_path: Path, shards: Path, out: Path, calibration: Path,

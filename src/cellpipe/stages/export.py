@@ -1,4 +1,4 @@
-"""Export stage: the trained checkpoint as a calibrated ONNX model, proven equal to PyTorch.
+"""Export stage: the checkpoint as a calibrated ONNX model, proven equal to PyTorch.
 
 Phases: load (checkpoint + temperature from evaluate) → export (ONNX with the
 contract inside) → check (parity with PyTorch on every validation image; the
@@ -9,10 +9,12 @@ save (model.onnx, card.json, metrics.json).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from cellpipe.serving.onnx_model import (
     predict_probabilities,
     quantize_int8,
 )
+from cellpipe.stages.options import add_path
 
 log = logging.getLogger(__name__)
 
@@ -51,80 +54,107 @@ class ExportParams(StageParams):
     batch_size: int = Field(128, ge=1)
 
 
-def run(model_path: Path, calibration_path: Path, shards: Path, out: Path,
-        params: ExportParams) -> dict:
-    """Export, check and write ``out/model.onnx``, ``card.json`` and ``metrics.json``."""
-    trained = load_model(model_path)
-    contract = trained.contract
-    temperature = _temperature(calibration_path) if params.fold_temperature else 1.0
+SECTION = "export"
+Params = ExportParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe export``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "model", "checkpoint (model.pt)")
+    add_path(parser, "calibration", "calibration.json written by evaluate")
+    add_path(parser, "shards", "preprocess shards folder")
+    add_path(parser, "out", "output folder: model.onnx, card.json, metrics.json")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A checked ONNX model in a work folder, with its card and metrics."""
+
+    onnx: Path
+    card: dict
+    metrics: dict
+
+
+def run(model: Path, calibration: Path, shards: Path, out: Path, params: ExportParams) -> dict:
+    """The stage as DVC runs it: ``out/model.onnx``, ``card.json`` and ``metrics.json``,
+    written only when the export passed its checks."""
+    temperature = _temperature(calibration) if params.fold_temperature else 1.0
     val = open_split(shards, "val")
     if len(val.labels) == 0:
         raise InputError(f"{shards}: the val split is empty; parity needs real images")
-    images = np.asarray(val.images)
-    labels = np.asarray(val.labels, dtype=np.int64)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as work:
+        exported = export(model, temperature, np.asarray(val.images),
+                          np.asarray(val.labels, dtype=np.int64), Path(work), params)
+        # The model goes first: publish checks card["onnx_sha256"] against the file, so a
+        # crash between the renames is caught there instead of serving a mismatched card.
+        os.replace(exported.onnx, out / MODEL_FILE)
+        write_json(out / CARD_FILE, exported.card)
+        write_json(out / METRICS_FILE, exported.metrics)
+    log.info("exported %s (%s): val accuracy %.4f, macro-F1 %.4f", out / MODEL_FILE,
+             exported.card["precision"], exported.metrics["val_accuracy"],
+             exported.metrics["val_macro_f1"])
+    return exported.metrics
 
+
+def export(model_path: Path, temperature: float, images: np.ndarray, labels: np.ndarray,
+           work: Path, params: ExportParams) -> Exported:
+    """Export the checkpoint to ONNX in ``work``, prove it equals PyTorch on ``images``
+    (raises :class:`StageFailed` otherwise), and try INT8 when asked."""
+    trained = load_model(model_path)
+    contract = trained.contract
     loader = image_loader(ImageDataset(images, labels), contract, batch_size=params.batch_size)
     logits, _ = predict(Device.pick("cpu").prepare(trained.classifier), loader,
                         Device.pick("cpu"), desc="export: PyTorch reference")
     reference = softmax(logits, temperature)
     inputs = to_model_input(images, contract)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp_name:
-        tmp = Path(tmp_name)
-        fp32_path = tmp / "model.fp32.onnx"
-        export_onnx(trained.classifier, contract, fp32_path, temperature=temperature,
-                    opset=params.opset)
-        fp32 = predict_probabilities(open_session(fp32_path), contract, inputs,
+    fp32_path = work / "model.fp32.onnx"
+    export_onnx(trained.classifier, contract, fp32_path, temperature=temperature,
+                opset=params.opset)
+    fp32 = predict_probabilities(open_session(fp32_path), contract, inputs,
+                                 batch_size=params.batch_size)
+    parity = compare(reference, fp32, params.parity_tolerance)
+    log.info("parity on %d val images: max |Δp| = %.2e, %d argmax mismatches",
+             parity.images, parity.max_abs_difference, parity.argmax_mismatches)
+    if not parity.passed:
+        raise StageFailed(
+            f"ONNX parity failed on {parity.images} val images: max |Δp| "
+            f"{parity.max_abs_difference:.2e} (tolerance {parity.tolerance:.0e}), "
+            f"{parity.argmax_mismatches} argmax mismatches; nothing was written")
+    fp32_scores = _scores(labels, fp32, contract)
+    chosen, int8_report = fp32_path, None
+    if params.quantize_int8:
+        int8_path = work / "model.int8.onnx"
+        quantize_int8(fp32_path, int8_path)
+        int8 = predict_probabilities(open_session(int8_path), contract, inputs,
                                      batch_size=params.batch_size)
-        parity = compare(reference, fp32, params.parity_tolerance)
-        log.info("parity on %d val images: max |Δp| = %.2e, %d argmax mismatches",
-                 parity.images, parity.max_abs_difference, parity.argmax_mismatches)
-        if not parity.passed:
-            raise StageFailed(
-                f"ONNX parity failed on {parity.images} val images: max |Δp| "
-                f"{parity.max_abs_difference:.2e} (tolerance {parity.tolerance:.0e}), "
-                f"{parity.argmax_mismatches} argmax mismatches; nothing was written")
-        fp32_scores = _scores(labels, fp32, contract)
-        chosen, int8_report = fp32_path, None
-        if params.quantize_int8:
-            int8_path = tmp / "model.int8.onnx"
-            quantize_int8(fp32_path, int8_path)
-            int8 = predict_probabilities(open_session(int8_path), contract, inputs,
-                                         batch_size=params.batch_size)
-            int8_report = _int8_decision(labels, int8, contract, fp32_scores, params)
-            if int8_report["kept"]:
-                chosen = int8_path
-        served_scores = int8_report["val"] if chosen != fp32_path else fp32_scores
-        card = {
-            "onnx_sha256": file_sha256(chosen),
-            "precision": "int8" if chosen != fp32_path else "fp32",
-            "backbone": trained.info["backbone"],
-            "contract": contract.to_dict(),
-            "temperature": temperature,
-            "val": served_scores,
-            "parity": {"images": parity.images, "max_abs_difference": parity.max_abs_difference,
-                       "argmax_mismatches": parity.argmax_mismatches,
-                       "tolerance": parity.tolerance},
-            "int8": int8_report,
-            "manifest_sha256": trained.info.get("manifest_sha256"),
-            "checkpoint_sha256": file_sha256(model_path),
-            "train_params": trained.info.get("params"),
-            "export_params": json.loads(params.model_dump_json()),
-        }
-        metrics = {"val_accuracy": served_scores["accuracy"],
-                   "val_macro_f1": served_scores["macro_f1"], "precision": card["precision"],
-                   "parity_max_abs_difference": parity.max_abs_difference,
-                   "temperature": temperature,
-                   "int8_val_accuracy": int8_report["val"]["accuracy"] if int8_report else None}
-        # The model goes first: publish checks card["onnx_sha256"] against the file, so a
-        # crash between the renames is caught there instead of serving a mismatched card.
-        os.replace(chosen, out / MODEL_FILE)
-        write_json(out / CARD_FILE, card)
-        write_json(out / METRICS_FILE, metrics)
-    log.info("exported %s (%s): val accuracy %.4f, macro-F1 %.4f", out / MODEL_FILE,
-             card["precision"], served_scores["accuracy"], served_scores["macro_f1"])
-    return metrics
+        int8_report = _int8_decision(labels, int8, contract, fp32_scores, params)
+        if int8_report["kept"]:
+            chosen = int8_path
+    served_scores = int8_report["val"] if chosen != fp32_path else fp32_scores
+    card = {
+        "onnx_sha256": file_sha256(chosen),
+        "precision": "int8" if chosen != fp32_path else "fp32",
+        "backbone": trained.info["backbone"],
+        "contract": contract.to_dict(),
+        "temperature": temperature,
+        "val": served_scores,
+        "parity": {"images": parity.images, "max_abs_difference": parity.max_abs_difference,
+                   "argmax_mismatches": parity.argmax_mismatches,
+                   "tolerance": parity.tolerance},
+        "int8": int8_report,
+        "manifest_sha256": trained.info.get("manifest_sha256"),
+        "checkpoint_sha256": file_sha256(model_path),
+        "train_params": trained.info.get("params"),
+        "export_params": json.loads(params.model_dump_json()),
+    }
+    metrics = {"val_accuracy": served_scores["accuracy"],
+               "val_macro_f1": served_scores["macro_f1"], "precision": card["precision"],
+               "parity_max_abs_difference": parity.max_abs_difference,
+               "temperature": temperature,
+               "int8_val_accuracy": int8_report["val"]["accuracy"] if int8_report else None}
+    return Exported(chosen, card, metrics)
 
 
 def _temperature(calibration_path: Path) -> float:

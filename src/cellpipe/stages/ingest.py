@@ -8,6 +8,7 @@ Every input that is not in the manifest is in ``rejected.csv`` with its reason.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from cellpipe.errors import StageFailed
 from cellpipe.fsutil import write_json
 from cellpipe.parallel import map_ordered
 from cellpipe.params import StageParams
+from cellpipe.stages.options import add_path, add_workers
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,18 @@ def write_outputs(result: IngestResult, out: Path) -> None:
     write_table(result.duplicates, out / "duplicates.csv")
     write_manifest(result.manifest, out / "manifest.parquet")
     write_json(out / "metrics.json", result.metrics)
+
+
+SECTION = "ingest"
+Params = IngestParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe ingest``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "source", "source data folder")
+    add_path(parser, "out", "output folder: manifest.parquet, rejected.csv, duplicates.csv, "
+                            "metrics.json")
+    add_workers(parser)
 
 
 def run(source: Path, out: Path, params: IngestParams, *, workers: int) -> IngestResult:

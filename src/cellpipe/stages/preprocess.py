@@ -7,6 +7,7 @@ rejected list, metrics and a contact sheet, all atomically.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from cellpipe.data.transforms import Resample, ResizeMode, fit_square
 from cellpipe.fsutil import atomic_dir, write_json
 from cellpipe.parallel import map_ordered
 from cellpipe.params import StageParams
+from cellpipe.stages.options import add_path, add_workers
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +125,26 @@ def write_preview(shards: Path, manifest: Manifest, path: Path, *, split: str = 
     contact_sheet(samples, path, tile=max(48, min(96, images.shape[1])))
 
 
-def run(manifest_path: Path, source: Path, out: Path, params: PreprocessParams, *,
+SECTION = "preprocess"
+Params = PreprocessParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe preprocess``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "manifest", "manifest.parquet")
+    add_path(parser, "source", "the source folder the manifest's paths are relative to")
+    add_path(parser, "out", "output folder: shards/, rejected.csv, metrics.json, preview.png")
+    add_workers(parser)
+
+
+def run(manifest: Path, source: Path, out: Path, params: PreprocessParams, *,
         workers: int) -> dict:
     """The stage as DVC runs it: shards, rejected list, metrics and preview under ``out``."""
-    manifest = read_manifest(manifest_path)
-    metrics, rejections = preprocess(manifest, source, out / "shards", params, workers=workers)
+    listed = read_manifest(manifest)
+    metrics, rejections = preprocess(listed, source, out / "shards", params, workers=workers)
     write_rejections(rejections, out / "rejected.csv")
     write_json(out / "metrics.json", metrics)
-    write_preview(out / "shards", manifest, out / "preview.png")
+    write_preview(out / "shards", listed, out / "preview.png")
     log.info("wrote %s images of %d px to %s (%d rejected)",
              sum(metrics["images"].values()), params.image_size, out / "shards", len(rejections))
     return metrics

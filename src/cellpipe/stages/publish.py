@@ -1,4 +1,4 @@
-"""Publish stage: the exported model into the Triton repository, then onto a running server.
+"""Publish stage: put the exported model into the Triton repository and onto a server.
 
 Phases: validate (the ONNX file against its card; nothing is written when it
 fails) → decide (champion/challenger on validation macro-F1) → write (a new
@@ -9,6 +9,7 @@ server's answer on a fixed input equals onnxruntime in-process) → report.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -17,13 +18,14 @@ import numpy as np
 from pydantic import Field
 
 from cellpipe.contract import ModelContract
-from cellpipe.errors import StageFailed
+from cellpipe.errors import ParamsError, StageFailed
 from cellpipe.fsutil import write_json
 from cellpipe.serving.client import TritonClassifier
 from cellpipe.serving.onnx_model import open_session, predict_probabilities
 from cellpipe.serving.repository import MODEL_FILE, ModelRepository
 from cellpipe.serving.server import LocalTriton
 from cellpipe.serving.triton_config import ServingParams
+from cellpipe.stages.options import add_path
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,42 @@ class PublishParams(ServingParams):
     min_gain: float = 0.0
 
 
-def run(export_dir: Path, repository: Path, report: Path, params: PublishParams, *,
-        url: str | None = None, force: bool = False) -> dict:
+SECTION = "publish"
+Params = PublishParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe publish``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "export", "export folder (model.onnx, card.json)", required=False)
+    add_path(parser, "repo", "Triton model repository")
+    add_path(parser, "report", "where to write the publish report (JSON)", required=False)
+    parser.add_argument("--url", help="Triton HTTP host:port to reload (default: the local "
+                                      "server, if one runs)")
+    parser.add_argument("--force", action="store_true",
+                        help="publish even if the champion scores higher")
+    parser.add_argument("--rollback", action="store_true",
+                        help="retire the served version and serve the previous one")
+
+
+def run(export: Path | None, repo: Path, report: Path | None, params: PublishParams, *,
+        url: str | None = None, force: bool = False, rollback: bool = False) -> dict:
+    """The stage as DVC runs it: publish ``export`` into ``repo`` and write ``report``; or,
+    with ``rollback``, serve the previous version again."""
+    if rollback:
+        version = roll_back(repo, params, url=url)
+        log.info("%s: version %d is served again", params.model_name, version)
+        return {"action": "rolled back", "version": version}
+    if export is None or report is None:
+        raise ParamsError("publish needs --export and --report (or --rollback)")
+    result = publish(export, repo, params, url=url, force=force)
+    write_json(report, result)
+    log.info("%s: %s (served version %s): %s", params.model_name, result["action"],
+             result["version"], result["reason"])
+    return result
+
+
+def publish(export_dir: Path, repository: Path, params: PublishParams, *,
+            url: str | None = None, force: bool = False) -> dict:
     """Publish ``export_dir`` into ``repository``; reload and check the server at ``url``.
 
     ``url`` (host:port of Triton's HTTP endpoint) defaults to the local server
@@ -56,12 +92,10 @@ def run(export_dir: Path, repository: Path, report: Path, params: PublishParams,
     served = None
     if server is not None and decision.action == "published":
         served = reload_and_verify(models, server, export_dir / MODEL_FILE)
-    result = {**asdict(decision), "server": server, "served_check": served}
-    write_json(report, result)
-    return result
+    return {**asdict(decision), "server": server, "served_check": served}
 
 
-def rollback(repository: Path, params: PublishParams, *, url: str | None = None) -> int:
+def roll_back(repository: Path, params: PublishParams, *, url: str | None = None) -> int:
     """Serve the previous version again (and reload the server); return its number."""
     models = ModelRepository(repository, params)
     version = models.rollback()

@@ -1,4 +1,4 @@
-"""Train stage: a transfer-learning (or from-scratch) classifier on the shards.
+"""Train stage: fit a classifier on the shards (transfer learning, from scratch, semi-supervised).
 
 Phases: build (registry backbone + head, model I/O contract) → fit (the one loop,
 resumable; ``sgan`` and ``fixmatch`` plug their objective into it) → for
@@ -8,6 +8,7 @@ save the self-describing checkpoint, history, curves, metrics.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -17,29 +18,27 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field, field_validator
-from sklearn.metrics import f1_score
-from sklearn.model_selection import StratifiedKFold
 
 from cellpipe.contract import ModelContract
 from cellpipe.data.geometry import CropGeometry
-from cellpipe.data.shards import SplitShard, labeled, open_split, read_meta
+from cellpipe.data.shards import labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine import distributed
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
-from cellpipe.engine.data import ImageDataset, build_augment, image_loader
+from cellpipe.engine.data import ImageDataset, build_augment
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
-from cellpipe.engine.fixmatch import FixMatch, FixMatchParams, TwoViews, build_strong_augment
-from cellpipe.engine.loop import Device, Objective, predict
-from cellpipe.engine.metrics import macro_f1_gain_lower_bound
-from cellpipe.engine.pseudo import PseudoLabelParams, select_pseudo_labels
-from cellpipe.engine.sgan import SemiSupervisedGan, SganParams
-from cellpipe.errors import InputError
+from cellpipe.engine.loop import Device, Objective
 from cellpipe.fsutil import write_json
+from cellpipe.methods.data_gate import data_gate
+from cellpipe.methods.fixmatch import FixMatch, FixMatchParams, TwoViews, build_strong_augment
+from cellpipe.methods.pseudo import PseudoLabelParams, pseudo_label_rounds
+from cellpipe.methods.rounds import FittedRound
+from cellpipe.methods.sgan import SemiSupervisedGan, SganParams
 from cellpipe.nets.classifier import Classifier
 from cellpipe.nets.registry import Backbone, build_backbone
 from cellpipe.plots import image_gallery, training_curves
+from cellpipe.stages.options import add_device, add_path
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     """Fit with ``params.method``; ``checkpoints`` holds the resumable state of each round.
 
     With a ``synthetic`` folder (the augment stage's), the data gate decides whether its
-    images join the training split (see :func:`_data_gate`).
+    images join the training split (see methods/data_gate.py).
     """
     meta = read_meta(shards)
     seed_everything(params.seed)  # a backbone without pretrained weights is initialised here
@@ -120,38 +119,65 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
              params.backbone, params.weights,
              f"first {params.backbone_blocks} blocks" if params.backbone_blocks else "all blocks",
              len(train_split.images), len(val_split.images), list(contract.class_names))
-    val = ImageDataset(val_split.images, val_split.labels)
-    unused = [backbone]  # the first round trains the backbone built above, later ones anew
-    objectives: list[Objective] = []
-
-    def fit_round(images: np.ndarray, labels: np.ndarray, name: str, selection: str,
-                  held_out: ImageDataset = val) -> tuple[Classifier, FitResult]:
-        fresh = unused.pop() if unused else _build_backbone(params)
-        seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
-        model = Classifier(fresh, len(contract.class_names), params.dropout)
-        tag = f"{name}: " if name != "round0" else ""
-        objective = _objective(shards, contract, params)  # a fresh one (generator) per fit
-        objectives.append(objective)
-        result = fit(model, fresh.pretrained, ImageDataset(images, labels), held_out, contract,
-                     params, device, checkpoint=checkpoints / f"{name}.pt",
-                     fingerprint=f"{fingerprint}:{name}:{selection}", tag=tag,
-                     objective=objective)
-        model.load_state_dict(result.best_state)
-        return model, result
-
-    model, result = fit_round(train_split.images, train_split.labels, "round0", "")
+    rounds = _ClassifierRounds(shards, contract, params, device, checkpoints, fingerprint,
+                               ImageDataset(val_split.images, val_split.labels), backbone)
+    fitted = rounds(train_split.images, train_split.labels, "round0", "")
     gate: dict = {}
     if synthetic is not None and params.synthetic != "never":
-        model, result, train_split, gate = _data_gate(
-            open_synthetic(synthetic, meta), train_split, labeled(val_split), model, result,
-            params, fit_round)
+        fitted, train_split, gate = data_gate(open_synthetic(synthetic, meta), train_split,
+                                              labeled(val_split), fitted, params, rounds)
     pseudo = pd.DataFrame(columns=["round", "unlabeled_row", "label", "confidence"])
     if params.method == "pseudo_label":
-        model, result, pseudo = _pseudo_label_rounds(
-            shards, params, contract, device, train_split, model, result, fit_round)
-    last = objectives[-1]
+        unlabeled = open_split(shards, "unlabeled", needed_by="method pseudo_label")
+        fitted, pseudo = pseudo_label_rounds(fitted, train_split, unlabeled, contract, device,
+                                             params.pseudo_label, params.batch_size, rounds)
+    last = rounds.objectives[-1]
     generated = last.samples() if isinstance(last, SemiSupervisedGan) else None
-    return TrainOutcome(model, contract, result, pseudo, gate, generated)
+    return TrainOutcome(fitted.model, contract, fitted.result, pseudo, gate, generated)
+
+
+@dataclass
+class _ClassifierRounds:
+    """The stage's training round (methods/rounds.py: TrainingRound): a fresh classifier
+    on ``params``' backbone, fit by the one loop with the method's objective, its
+    resumable state in ``checkpoints/<name>.pt``."""
+
+    shards: Path
+    contract: ModelContract
+    params: TrainParams
+    device: Device
+    checkpoints: Path
+    fingerprint: str
+    val: ImageDataset  # what a round early-stops on unless it is given another split
+    # The backbone built (right after seeding) for the contract: the first round trains
+    # it; taken once, then every later round builds its own.
+    first_backbone: Backbone | None
+    objectives: list[Objective] = field(default_factory=list)  # each round's, in order
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, name: str, selection: str,
+                 held_out: ImageDataset | None = None) -> FittedRound:
+        """Fit one round; see methods.rounds.TrainingRound for the arguments."""
+        backbone = self._take_backbone()
+        params = self.params
+        seed_everything(params.seed)  # the head's (and a scratch backbone's) initial weights
+        model = Classifier(backbone, len(self.contract.class_names), params.dropout)
+        tag = f"{name}: " if name != "round0" else ""
+        # A fresh objective per fit: SGAN's generator and FixMatch's state start anew.
+        objective = _objective(self.shards, self.contract, params)
+        self.objectives.append(objective)
+        result = fit(model, backbone.pretrained, ImageDataset(images, labels),
+                     self.val if held_out is None else held_out, self.contract, params,
+                     self.device, checkpoint=self.checkpoints / f"{name}.pt",
+                     fingerprint=f"{self.fingerprint}:{name}:{selection}", tag=tag,
+                     objective=objective)
+        model.load_state_dict(result.best_state)
+        return FittedRound(model, result)
+
+    def _take_backbone(self) -> Backbone:
+        """The first round's backbone is the one built with the contract; later rounds
+        build a new one, so that each starts from the initial weights."""
+        backbone, self.first_backbone = self.first_backbone, None
+        return backbone if backbone is not None else _build_backbone(self.params)
 
 
 def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Objective:
@@ -169,131 +195,6 @@ def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Ob
                     params.batch_size, params.label_smoothing)
 
 
-def _data_gate(synthetic: SplitShard, real: SplitShard, val: SplitShard,
-               model: Classifier, result: FitResult, params: TrainParams, fit_round
-               ) -> tuple[Classifier, FitResult, SplitShard, dict]:
-    """Train again with the synthetic images added (same seed, params and epochs); keep
-    them only if val macro-F1 rises by ``synthetic_margin`` with ``synthetic_confidence``
-    (or ``synthetic: always``).
-
-    The gain is judged by its paired-bootstrap lower bound, not by its point value: on a
-    40-image val split one image moves macro-F1 by several points, and a gain that
-    noise can produce is no reason to train on generated images. With
-    ``synthetic_folds`` the bound comes from out-of-fold predictions over train + val
-    instead, so every labelled image is evidence (see :func:`_cross_validated_gain`).
-    Returns the chosen model, its fit, the training split it used and the gate's numbers.
-    """
-    if len(synthetic.labels) == 0:
-        return model, result, real, {"synthetic_images": 0, "synthetic_used": False}
-    combined = _join(real, synthetic)
-    selection = str(synthetic.rows["generator_sha256"].iloc[0])[:16]
-    with_model, with_result = fit_round(combined.images, combined.labels, "synthetic", selection)
-    evidence = (val.labels, result.best_val_predictions, with_result.best_val_predictions)
-    gate = {"synthetic_images": int(len(synthetic.labels)),
-            "val_macro_f1_without_synthetic": result.best_score,
-            "val_macro_f1_with_synthetic": with_result.best_score}
-    if params.synthetic_folds:
-        evidence, cross_validated = _cross_validated_gain(real, val, synthetic, selection,
-                                                          params, fit_round)
-        gate.update(cross_validated)
-    lower_bound = macro_f1_gain_lower_bound(*evidence, confidence=params.synthetic_confidence,
-                                            seed=params.seed)
-    used = params.synthetic == "always" or lower_bound >= params.synthetic_margin
-    gate.update({"val_macro_f1_gain_lower_bound": lower_bound,
-                 "synthetic_margin": params.synthetic_margin,
-                 "synthetic_confidence": params.synthetic_confidence,
-                 "synthetic_folds": params.synthetic_folds, "synthetic_used": used})
-    judged_on = (f"{params.synthetic_folds}-fold out-of-fold, {len(evidence[0])} images"
-                 if params.synthetic_folds else f"val, {len(evidence[0])} images")
-    log.info("data gate: val macro-F1 %.4f without, %.4f with %d synthetic images (gain %+.4f; "
-             "%.0f%% lower bound %+.4f on %s, margin %.4f): synthetic images %s",
-             result.best_score, with_result.best_score, len(synthetic.labels),
-             with_result.best_score - result.best_score, 100 * params.synthetic_confidence,
-             lower_bound, judged_on, params.synthetic_margin, "kept" if used else "rejected")
-    if used:
-        return with_model, with_result, combined, gate
-    return model, result, real, gate
-
-
-def _join(first: SplitShard, second: SplitShard) -> SplitShard:
-    return SplitShard(np.concatenate([first.images, second.images]),
-                      np.concatenate([first.labels, second.labels]),
-                      pd.concat([first.rows, second.rows], ignore_index=True))
-
-
-def _cross_validated_gain(real: SplitShard, val: SplitShard, synthetic: SplitShard,
-                          selection: str, params: TrainParams, fit_round
-                          ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
-    """Out-of-fold predictions without and with the synthetic images, over train + val.
-
-    A stratified k-fold over every labelled image: each fold is held out once, and
-    trains (with early stopping on it) without and with the synthetic images, which
-    only ever join the training folds. Returns (labels, predictions without, with) for
-    the bootstrap, and the out-of-fold macro-F1s.
-    """
-    pool = _join(real, val)
-    fewest = int(np.unique(pool.labels, return_counts=True)[1].min(initial=len(pool.labels)))
-    if fewest < params.synthetic_folds:
-        raise InputError(f"train.synthetic_folds is {params.synthetic_folds}, but a class has "
-                         f"only {fewest} labelled images in train + val; lower it or use 0")
-    without = np.empty_like(pool.labels, dtype=np.int64)
-    with_synthetic = np.empty_like(without)
-    folds = StratifiedKFold(params.synthetic_folds, shuffle=True, random_state=params.seed)
-    for k, (fit_rows, held_rows) in enumerate(folds.split(pool.labels, pool.labels)):
-        held_out = ImageDataset(pool.images[held_rows], pool.labels[held_rows])
-        images, labels = pool.images[fit_rows], pool.labels[fit_rows]
-        _, plain = fit_round(images, labels, f"gate_fold{k}", "", held_out)
-        _, grown = fit_round(np.concatenate([images, synthetic.images]),
-                             np.concatenate([labels, synthetic.labels]),
-                             f"gate_fold{k}_synthetic", selection, held_out)
-        without[held_rows] = plain.best_val_predictions
-        with_synthetic[held_rows] = grown.best_val_predictions
-    truth = pool.labels.astype(np.int64)
-    scores = {"cv_macro_f1_without_synthetic": float(f1_score(truth, without, average="macro",
-                                                               zero_division=0)),
-              "cv_macro_f1_with_synthetic": float(f1_score(truth, with_synthetic,
-                                                            average="macro", zero_division=0))}
-    return (truth, without, with_synthetic), scores
-
-
-def _pseudo_label_rounds(shards: Path, params: TrainParams, contract: ModelContract,
-                         device: Device, labeled: SplitShard, model: Classifier,
-                         result: FitResult, fit_round) -> tuple[Classifier, FitResult,
-                                                                 pd.DataFrame]:
-    """Label confident unlabeled images, refit from the pretrained weights, keep the best round.
-
-    Each round starts again from the backbone's initial weights, so a wrong
-    pseudo-label from round k cannot be reinforced by the weights that made it.
-    """
-    unlabeled = open_split(shards, "unlabeled", needed_by="method pseudo_label")
-    best_model, best_result, history = model, result, list(result.history)
-    records = []
-    for round_number in range(1, params.pseudo_label.rounds + 1):
-        loader = image_loader(ImageDataset(unlabeled.images, np.zeros(len(unlabeled.images),
-                                                                      np.int64)),
-                              contract, batch_size=params.batch_size)
-        logits, _ = predict(device.prepare(model), loader, device, desc="pseudo-label")
-        probabilities = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        rows, labels = select_pseudo_labels(probabilities, params.pseudo_label)
-        # Under torchrun every rank must refit on the same images: rank 0's choice.
-        rows, labels = distributed.broadcast_object((rows, labels))
-        counts = np.bincount(labels, minlength=len(contract.class_names)).tolist()
-        log.info("round %d: %d pseudo-labels per class %s (threshold %.2f)", round_number,
-                 len(rows), counts, params.pseudo_label.threshold)
-        records += [{"round": round_number, "unlabeled_row": int(r), "label": int(k),
-                     "confidence": float(probabilities[r].max())}
-                    for r, k in zip(rows, labels, strict=True)]
-        images = np.concatenate([labeled.images, unlabeled.images[rows]])
-        selection = hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest()[:16]
-        model, result = fit_round(images, np.concatenate([labeled.labels, labels]),
-                                  f"round{round_number}", selection)
-        history += [{**row, "round": round_number} for row in result.history]
-        if result.best_score > best_result.best_score:
-            best_model, best_result = model, result
-    best_result.history = history
-    return best_model, best_result, pd.DataFrame.from_records(records)
-
-
 def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
                    synthetic: Path | None = None) -> str:
     """Identity of a training run (params, data, synthetic data, code): see run_fingerprint."""
@@ -303,9 +204,26 @@ def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
     return run_fingerprint(params, *inputs, code=__name__)
 
 
-def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: TrainParams, *,
+SECTION = "train"
+Params = TrainParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cellpipe train``'s options, one per parameter of :func:`run`."""
+    add_path(parser, "shards", "preprocess shards folder")
+    add_path(parser, "manifest", "manifest.parquet (its hash goes into the checkpoint)")
+    add_path(parser, "out", "reports folder: history.csv, curves.png, metrics.json, "
+                            "checkpoints/")
+    add_path(parser, "model", "checkpoint to write (model.pt)")
+    add_path(parser, "synthetic", "the augment stage's synthetic folder; the data gate "
+                                  "decides whether its images are used (train.synthetic)",
+             required=False)
+    add_device(parser)
+
+
+def run(shards: Path, manifest: Path, out: Path, model: Path, params: TrainParams, *,
         synthetic: Path | None = None, device: str = "auto") -> dict:
-    """The stage as DVC runs it: checkpoint to ``model_path``, reports under ``out``.
+    """The stage as DVC runs it: checkpoint to ``model``, reports under ``out``.
 
     Under ``torchrun`` every rank trains (DDP: see engine/distributed.py) and rank 0
     alone writes; the other ranks wait for it and return its metrics.
@@ -315,7 +233,7 @@ def run(shards: Path, manifest: Path, out: Path, model_path: Path, params: Train
         outcome = train(shards, params, device=picked, checkpoints=out / "checkpoints",
                         fingerprint=fingerprint_of(params, manifest, shards, synthetic),
                         synthetic=synthetic)
-        metrics = (_write_outputs(outcome, params, manifest, out, model_path)
+        metrics = (_write_outputs(outcome, params, manifest, out, model)
                    if distributed.is_main() else None)
         # Also the other ranks' barrier: they return once rank 0's outputs are on disk.
         return distributed.broadcast_object(metrics)

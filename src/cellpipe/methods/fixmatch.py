@@ -10,7 +10,7 @@ towards:
     loss = CE(labelled) + unlabeled_weight · mean over unlabelled of
            1[max p(weak) ≥ threshold] · CE(strong, arg max p(weak))
 
-Unlike the offline rounds of ``pseudo_label`` (engine/pseudo.py), the labels follow
+Unlike the offline rounds of ``pseudo_label`` (methods/pseudo.py), the labels follow
 the model as it improves, and the strong view keeps it from confirming its own
 mistakes cheaply. What comes out is an ordinary classifier: the checkpoint, evaluate,
 export and serving are unchanged.

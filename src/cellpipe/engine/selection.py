@@ -1,8 +1,11 @@
-"""Pseudo-labels: confident predictions on unlabeled images become training labels.
+"""Confident predictions as labels: a threshold and two per-class caps.
 
-Two caps keep one class from taking over the unlabeled pool: at most
+Two caps keep one class from taking over an unlabeled pool: at most
 ``max_per_class`` images per class, and no class more than ``max_class_ratio``
 times the smallest class that got any. Within a class, the most confident win.
+
+Shared by the pseudo-label rounds of the train stage (methods/pseudo.py) and the
+GAN's pseudo-labelled pool (gan/pool.py), so it lives here, below both.
 """
 
 from __future__ import annotations
@@ -21,12 +24,6 @@ class PseudoLabelSelection(StageParams):
     threshold: float = Field(0.9, gt=0, le=1)
     max_per_class: int = Field(1000, ge=1)
     max_class_ratio: float = Field(1.5, ge=1)
-
-
-class PseudoLabelParams(PseudoLabelSelection):
-    """The ``train.pseudo_label:`` section: the selection, repeated for ``rounds``."""
-
-    rounds: int = Field(2, ge=1)
 
 
 def select_pseudo_labels(probabilities: np.ndarray, params: PseudoLabelSelection
