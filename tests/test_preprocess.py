@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
-from cellpipe.data import imageio
 from cellpipe.data.geometry import Box, cut
 from cellpipe.data.shards import open_split, read_meta
 from cellpipe.data.transforms import fit_square
@@ -151,6 +151,44 @@ def test_parallel_workers_give_identical_shards(tmp_path: Path) -> None:
         np.testing.assert_array_equal(one.labels, two.labels)
 
 
-def test_decoder_module_is_shared() -> None:
-    # Preprocess must read pixels through the project's one decoder.
-    assert preprocess_stage.read_rgb is imageio.read_rgb
+def _twelve_bit_gray() -> np.ndarray:
+    """32×32 uint16 of a 12-bit camera: a 1000 row, a 3000 row, a ramp between, a hot pixel.
+
+    Over 0.5% of the pixels sit at 1000 and at 3000, so the 0.5/99.5 percentiles are
+    exactly those two values, and the one hot pixel (60000) lies outside them.
+    """
+    ramp = np.rint(1000 + 2000 * np.arange(32) / 31)
+    image = np.tile(ramp, (32, 1)).astype(np.uint16)
+    image[0], image[-1] = 1000, 3000
+    image[15, 15] = 60000
+    return image
+
+
+@pytest.mark.parametrize("scaling", ["percentile", "dtype"])
+def test_16bit_tiff_and_png_become_the_scaled_shard_pixels(tmp_path: Path, scaling: str) -> None:
+    """preprocess.bit_depth_scaling reaches the shards: the same 16-bit gray image as a
+    TIFF and as a PNG becomes the same uint8 RGB shard image, scaled from its 0.5–99.5
+    percentiles (1000 → 0, 3000 → 255, the hot pixel clipped) or from the dtype's
+    range (v · 255 / 65535), and meta.json records the rule."""
+    gray = _twelve_bit_gray()
+    source = tmp_path / "src"
+    (source / "tif").mkdir(parents=True)
+    tifffile.imwrite(source / "tif" / "cell.tif", gray)
+    save(source / "png" / "cell.png", gray)  # Pillow writes a 16-bit grayscale PNG
+    _run_both(source, tmp_path / "out", {"split": {"val_fraction": 0, "test_fraction": 0}},
+              image_size=32, bit_depth_scaling=scaling)  # 32 px: no resampling
+
+    values = gray.astype(np.float64)
+    if scaling == "percentile":
+        expected = np.clip(np.rint((values - 1000) * 255 / 2000), 0, 255)
+        assert expected[15, 15] == 255 and expected[0].max() == 0 and expected[-1].min() == 255
+    else:
+        expected = np.rint(values * 255 / 65535)
+        assert expected[15, 15] == 233 and expected[-1].max() == 12
+    shards = tmp_path / "out" / "pre" / "shards"
+    assert read_meta(shards)["bit_depth_scaling"] == scaling
+    part = open_split(shards, "train")
+    assert sorted(part.rows["path"]) == ["png/cell.png", "tif/cell.tif"]
+    for image in part.images:
+        assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
+        np.testing.assert_array_equal(image, np.repeat(expected[..., None], 3, axis=2))
