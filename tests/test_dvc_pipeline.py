@@ -36,6 +36,17 @@ def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
     return done.stdout + done.stderr
 
 
+def test_a_fresh_clone_has_every_stage_output_in_the_bundled_remote(
+        tmp_path: Path, dvc_env: dict[str, str]) -> None:
+    """`make demo` on a fresh clone pulls the outputs dvc.lock names and retrains nothing,
+    so no machine-dependent float lands in a tracked file (a clean `git status`). Fails
+    when dvc.lock changed without `dvc push` of its outputs to dvc-remote/."""
+    repo = _tracked_copy(tmp_path / "clone")
+    _dvc(repo, dvc_env, "pull")
+    # Only publish is "changed": it always runs, since DVC cannot see triton_repo's state.
+    assert _dvc(repo, dvc_env, "status").split() == ["publish:", "always", "changed"]
+
+
 def test_pull_repro_status_and_param_change_reruns_only_downstream(
         tmp_path: Path, dvc_env: dict[str, str]) -> None:
     repo = _tracked_copy(tmp_path / "clone")
