@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cellpipe.engine.checkpoint import load_checkpoint, load_model
-from cellpipe.engine.data import TrainAugmentParams, build_augment
+from cellpipe.engine.data import TrainAugmentParams, build_train_augmentation
 from cellpipe.errors import InputError
 from cellpipe.methods.fixmatch import (
     FixMatch,
@@ -48,6 +48,11 @@ def manifest(tmp_path: Path) -> Path:
     path = tmp_path / "manifest.parquet"
     path.write_bytes(b"stand-in manifest")
     return path
+
+
+NO_AUGMENTATION = TrainAugmentParams(flips=False, rotate90=False, affine_degrees=0,
+                                     affine_translate=0, affine_scale=0, brightness=0,
+                                     contrast=0, saturation=0, hue=0)
 
 
 def test_consistency_loss_by_hand() -> None:
@@ -87,9 +92,7 @@ def test_distribution_alignment_tracks_the_running_mean_of_predictions(shards: P
 
     contract = make_contract(read_meta(shards), build_backbone("smallcnn", "none"), _params())
     images = np.zeros((12, 16, 16, 3), np.uint8)
-    identity = build_augment(TrainAugmentParams(flips=False, rotate90=False, affine_degrees=0,
-                                           affine_translate=0, affine_scale=0, brightness=0,
-                                           contrast=0, saturation=0, hue=0))
+    identity = build_train_augmentation(NO_AUGMENTATION)
     params = FixMatchParams(distribution_alignment=True, alignment_momentum=0.5)
     objective = FixMatch(TwoViews(images, identity, identity), contract, params, batch_size=4)
     assert objective._alignment(torch.zeros(4, 3)).tolist() == pytest.approx([1, 1, 1])
@@ -107,9 +110,7 @@ def test_two_views_are_uint8_images_and_the_strong_one_differs_more() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
-    no_weak = build_augment(TrainAugmentParams(flips=False, rotate90=False, affine_degrees=0,
-                                          affine_translate=0, affine_scale=0, brightness=0,
-                                          contrast=0, saturation=0, hue=0))
+    no_weak = build_train_augmentation(NO_AUGMENTATION)
     strong = build_strong_augment(no_weak, FixMatchParams(strong_ops=2, strong_magnitude=15,
                                                           erase_probability=1.0))
     views = TwoViews(images, no_weak, strong)

@@ -38,7 +38,7 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(image, turns, dims=(-2, -1))
 
 
-def build_augment(params: TrainAugmentParams, pad_value: int = 0) -> v2.Compose:
+def build_train_augmentation(params: TrainAugmentParams, pad_value: int = 0) -> v2.Compose:
     """uint8 C×H×W → uint8 C×H×W, drawing from torch's global RNG (seeded, resumable)."""
     ops: list[torch.nn.Module] = []
     if params.flips:

@@ -39,7 +39,7 @@ from cellpipe.engine.data import (
     ImageDataset,
     Shard,
     TrainAugmentParams,
-    build_augment,
+    build_train_augmentation,
     class_counts,
     feature_loader,
     image_loader,
@@ -351,7 +351,7 @@ def _phase_data(model: Classifier, cached: bool, train: ImageDataset, val: Image
                 feature_loader(*val_features, batch_size=params.batch_size,
                                num_classes=num_classes, shard=shard))
     augmented = ImageDataset(train.images, train.labels,
-                             build_augment(params.augment, contract.pad_value))
+                             build_train_augmentation(params.augment, contract.pad_value))
     return (model,
             image_loader(augmented, contract, batch_size=batch_size, shuffle=True,
                          balanced=balanced, generator=generator, shard=shard),

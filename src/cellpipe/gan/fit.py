@@ -29,7 +29,7 @@ from cellpipe.engine.checkpoint import load_run_state, restore_rng, rng_state, s
 from cellpipe.engine.fit import seed_everything
 from cellpipe.engine.loop import Device, progress
 from cellpipe.fsutil import atomic_path
-from cellpipe.gan.augment import DEFAULT_POLICY, DiffAugment, Policy
+from cellpipe.gan.diffaugment import DEFAULT_POLICY, DiffAugment, Policy
 from cellpipe.gan.losses import LossName, discriminator_loss, generator_loss, gradient_penalty
 from cellpipe.gan.nets import RESOLUTIONS, Discriminator, Generator
 from cellpipe.gan.quality import FeatureSpace, sample_quality, to_uint8

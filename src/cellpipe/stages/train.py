@@ -26,7 +26,7 @@ from cellpipe.data.shards import labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine import distributed
 from cellpipe.engine.checkpoint import run_fingerprint, save_model
-from cellpipe.engine.data import ImageDataset, build_augment
+from cellpipe.engine.data import ImageDataset, build_train_augmentation
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
 from cellpipe.engine.loop import Device, Objective
 from cellpipe.fsutil import write_json
@@ -186,7 +186,7 @@ def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Ob
     if params.method not in ("sgan", "fixmatch"):
         return Objective()
     unlabeled = open_split(shards, "unlabeled", needed_by=f"method {params.method}").images
-    augment = build_augment(params.augment, contract.pad_value)
+    augment = build_train_augmentation(params.augment, contract.pad_value)
     if params.method == "sgan":
         dataset = ImageDataset(unlabeled, np.zeros(len(unlabeled), np.int64), augment)
         return SemiSupervisedGan(dataset, contract, params.sgan, params.batch_size)
