@@ -85,9 +85,13 @@ def require_executable(name: str) -> str:
     return found
 
 
-def write_shards(root: Path, classes: Sequence[str], per_split: dict[str, int],
+def write_shards(root: Path, classes: Sequence[str], per_split: dict[str, int | Sequence[int]],
                  size: int = 16, seed: int = 0) -> Path:
-    """A shards folder of noisy class-coloured squares; learnable in a few epochs."""
+    """A shards folder of noisy class-coloured squares; learnable in a few epochs.
+
+    ``per_split`` gives the images per class of each split, one number for every class
+    or one per class.
+    """
     import json
 
     import pandas as pd

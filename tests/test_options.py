@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 
 import cellpipe.serving
 from cellpipe.data.manifest import read_manifest
-from cellpipe.data.shards import SHARDS_FORMAT, SplitWriter, open_split
+from cellpipe.data.shards import open_split
 from cellpipe.nets.smallcnn import SmallCNN
 from cellpipe.stages import augment as augment_stage
 from cellpipe.stages import export as export_stage
@@ -71,31 +71,9 @@ def _saved_weights(model_path: Path) -> dict[str, torch.Tensor]:
 
 def _shards_with_counts(root: Path, classes: Sequence[str], train_counts: Sequence[int],
                         val_per_class: int, size: int = 16, seed: int = 0) -> Path:
-    """Shards whose train split has ``train_counts[k]`` images of class k (val balanced).
-
-    Like conftest.write_shards (noisy class-coloured squares), but the class mix of the
-    train split is chosen, for the class-balancing options.
-    """
-    rng = np.random.default_rng(seed)
-    palette = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
-    counts = {}
-    for split, per_class in (("train", list(train_counts)),
-                             ("val", [val_per_class] * len(classes))):
-        labels = np.repeat(np.arange(len(classes)), per_class)
-        writer = SplitWriter(root / split, len(labels), size)
-        for position, label in enumerate(labels):
-            noise = rng.integers(-60, 60, size=(size, size, 3))
-            colour = np.array(palette[label], np.int16)
-            writer.put(position, np.clip(colour + noise, 0, 255).astype(np.uint8))
-        rows = pd.DataFrame({"path": [f"{split}/{i}.png" for i in range(len(labels))],
-                             "manifest_row": np.arange(len(labels))})
-        counts[split] = writer.finish(rows, labels)
-    meta = {"format": SHARDS_FORMAT, "classes": list(classes), "image_size": size,
-            "layout": "NHWC", "dtype": "uint8", "color": "RGB", "resize": "pad",
-            "pad_value": 0, "resample": "bilinear", "bit_depth_scaling": "percentile",
-            "counts": counts}
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
+    """Shards whose train split has ``train_counts[k]`` images of class k (val balanced)."""
+    return write_shards(root, classes, {"train": list(train_counts), "val": val_per_class},
+                        size=size, seed=seed)
 
 
 # --- ingest.voc.square ---------------------------------------------------------------------
