@@ -1,8 +1,9 @@
 """``python -m flows serve|run``: the flows' own entry point (``cellpipe flows`` calls it).
 
-``serve`` starts a local Prefect server (schedules need one), points Prefect at it and
-serves both deployments until stopped; ``run`` runs one flow now, in Prefect's ephemeral
-mode. Prefect's settings are made offline and project-local before Prefect is imported.
+``serve`` starts a local Prefect server (schedules need one) with its dashboard, points
+Prefect at it, prints the dashboard's URL and serves both deployments until stopped;
+``run`` runs one flow now, in Prefect's ephemeral mode. Prefect's settings are made
+offline and project-local before Prefect is imported.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _params_file(args: argparse.Namespace) -> Path:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Serve the training and scoring deployments on their schedules until stopped."""
+    """Serve the training and scoring deployments on their schedules until stopped; the
+    dashboard's URL goes to stdout once the server answers."""
     server = PrefectServer(_home(args), args.port)
     apply_prefect_environment(_home(args), server.api_url)
     from flows import deployments
@@ -40,6 +42,7 @@ def serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     try:
+        print(f"Prefect dashboard: {server.dashboard_url}", flush=True)
         log.info("serving the training and scoring deployments; Ctrl-C or SIGTERM stops")
         deployments.serve_deployments(params, args.repo.resolve(), _params_file(args),
                                       url=args.url, interval_s=args.interval, only=args.only)
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving = actions.add_parser("serve", help="Start a local Prefect server and serve the "
                                                "scheduled deployments until stopped.")
     serving.set_defaults(handler=serve)
-    serving.add_argument("--port", type=int, default=4200, help="Prefect API port on 127.0.0.1")
+    serving.add_argument("--port", type=int, default=4200,
+                         help="port of the Prefect API and dashboard on 127.0.0.1")
     serving.add_argument("--interval", type=float,
                          help="seconds between runs instead of the crons")
     serving.add_argument("--only", choices=("training", "scoring"), help="serve one flow only")

@@ -2,7 +2,8 @@
 
 Slides map onto tasks (threads by default; a local Dask cluster, or one that already runs,
 through :func:`scoring_on_dask`); Triton I/O
-sits in tasks that retry. The per-slide summaries end up in a markdown artifact.
+sits in tasks that retry. The run's report (report.json, report.html) is written by the
+library as in ``cellpipe score``, and the per-slide summaries end up in a markdown artifact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cellpipe.errors import CellpipeError
 from cellpipe.params import load_section
 from cellpipe.serving.client import TritonClassifier
-from cellpipe.serving.server import LocalTriton
+from cellpipe.serving.server import LocalTriton, local_model_card
 from cellpipe.serving.triton_config import published_model_name
 from cellpipe.slides.batch import (
     InboxSlide,
@@ -70,8 +71,10 @@ def score_one(slide: InboxSlide, inbox: str, out: Path, url: str, protocol: str,
 
 @task(name="report")
 def report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
-           started: str, stopped: str | None = None) -> dict:
-    return write_run_report(out, inbox, model, outcomes, started, stopped=stopped)
+           started: str, stopped: str | None = None, model_card: dict | None = None) -> dict:
+    """report.json, runs/, summary.csv and report.html (with ``model_card`` when known)."""
+    return write_run_report(out, inbox, model, outcomes, started, stopped=stopped,
+                            model_card=model_card)
 
 
 @flow(name="scoring", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -86,15 +89,17 @@ def scoring(inbox: str, out: str, url: str | None = None, protocol: str = "grpc"
     url = url or _local_server_url(Path(triton_state_dir), protocol)
     results = Path(out)
     model = served_model(url, protocol, model_name, params)
+    card = local_model_card(model.name, model.version, url=url,
+                            state_dir=Path(triton_state_dir))
     slides = pending_slides(inbox, results, params)
     futures = score_one.map(slides, inbox=unmapped(inbox), out=unmapped(results),
                             url=unmapped(url), protocol=unmapped(protocol),
                             model=unmapped(model), params=unmapped(params))
     outcomes, stopped = _gather(futures)
     if stopped is not None:  # the slides done so far are reported, as the CLI does
-        report(results, inbox, model, outcomes, started, stopped=str(stopped))
+        report(results, inbox, model, outcomes, started, stopped=str(stopped), model_card=card)
         raise stopped
-    run = report(results, inbox, model, outcomes, started)
+    run = report(results, inbox, model, outcomes, started, model_card=card)
     logger.info("%s", run["totals"])
     create_markdown_artifact(key="slide-summaries", markdown=_markdown(outcomes),
                              description=f"Slides scored with {model.tag}")

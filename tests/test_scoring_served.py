@@ -60,16 +60,19 @@ def _check_results(out: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     quarantined = [s["slide"] for s in report["slides"] if s["status"] == "quarantined"]
     assert quarantined == ["broken.png"]
+    assert (out / "report.html").is_file()  # the page beside report.json, CLI and flow alike
+    assert all((out / result / "objects.geojson").is_file() for result in table["result"])
 
 
 def test_cli_scores_an_inbox_through_triton(server: tuple[ServerInfo, Path],  # noqa: F811
                                             tmp_path: Path) -> None:
-    info, _ = server
+    info, repository = server
     inbox, out, params_file = _setup(tmp_path)
     arguments = ["score", str(inbox), "--out", str(out), "--url", info.grpc_url,
-                 "--params", str(params_file)]
+                 "--params", str(params_file), "--state-dir", str(repository.parent / "state")]
     assert cli_main(arguments) == 0
     _check_results(out)
+    assert "Validation macro f1" in (out / "report.html").read_text()  # the served card
     summary = json.loads(next((out / "slides").glob("slide_0-*/summary.json")).read_text())
     assert summary["model"] == {"name": "cell_classifier", "version": "1"}
     assert cli_main(arguments) == 0  # a rerun skips both slides
@@ -105,6 +108,7 @@ def test_a_scheduled_deployment_fires_a_real_run_on_a_local_prefect_server(
         except subprocess.TimeoutExpired:
             os.killpg(serving.pid, signal.SIGKILL)
             serving.wait()
+    assert f"Prefect dashboard: http://127.0.0.1:{port}" in serving.stdout.read()
 
 
 def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout_s: float) -> dict:

@@ -2,7 +2,9 @@
 
 Flows (top-level ``flows/``) orchestrate; this module only starts things and keeps them
 apart. Prefect's ephemeral mode runs flows but cannot fire schedules, so
-``cellpipe flows serve`` starts a real ``prefect server`` on 127.0.0.1 (DESIGN.md).
+``cellpipe flows serve`` starts a real ``prefect server`` on 127.0.0.1 (DESIGN.md), with
+its dashboard (the UI ships inside the prefect wheel and runs offline). Ephemeral runs
+keep the UI off: nobody could open it.
 """
 
 from __future__ import annotations
@@ -51,12 +53,31 @@ def apply_prefect_environment(home: Path, api_url: str | None = None) -> None:
         os.environ[key] = value
 
 
-class PrefectServer:
-    """A ``prefect server start`` on 127.0.0.1, as a child process."""
+def dashboard_environment(home: Path, api_url: str) -> dict[str, str]:
+    """Settings of a server that serves the dashboard: the UI on, asking ``api_url``.
 
-    def __init__(self, home: Path, port: int, *, scheduler_loop_s: float | None = None) -> None:
-        self.home, self.port = home, port
-        self.api_url = f"http://127.0.0.1:{port}/api"
+    Without ``PREFECT_UI_API_URL`` matching the port the UI shows "Can't connect to
+    Server API". The UI's files are unpacked under ``home`` (site-packages may be
+    read-only in an image), and it shows no promotional content (nothing to fetch).
+    The dashboard opens in Prefect's V1 UI: the V2 UI (prefect 3.8.8) starts its Amplitude
+    analytics client, which fetches a remote configuration, even with analytics off.
+    """
+    return {"PREFECT_SERVER_UI_ENABLED": "true",
+            "PREFECT_UI_API_URL": api_url,
+            "PREFECT_UI_STATIC_DIRECTORY": str((home / "ui").resolve()),
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            "PREFECT_SERVER_UI_V2_ENABLED": "false"}
+
+
+class PrefectServer:
+    """A ``prefect server start`` on 127.0.0.1, as a child process, with its dashboard
+    at :attr:`dashboard_url` unless ``ui`` is false."""
+
+    def __init__(self, home: Path, port: int, *, scheduler_loop_s: float | None = None,
+                 ui: bool = True) -> None:
+        self.home, self.port, self.ui = home, port, ui
+        self.dashboard_url = f"http://127.0.0.1:{port}"
+        self.api_url = f"{self.dashboard_url}/api"
         self._scheduler_loop_s = scheduler_loop_s
         self._process: subprocess.Popen | None = None
 
@@ -64,11 +85,13 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **prefect_environment(self.home)}
         env.pop("PREFECT_API_URL", None)  # the server must not look for itself
+        if self.ui:
+            env.update(dashboard_environment(self.home, self.api_url))
         if self._scheduler_loop_s is not None:
             env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(self._scheduler_loop_s)
         command = [str(Path(sys.executable).with_name("prefect")), "server", "start",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--no-ui",
-                   "--analytics-off"]
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--ui" if self.ui else "--no-ui", "--analytics-off"]
         log_file = (self.home / "server.log").open("ab")
         # Same process group as its owner: stopping the owner's group stops the server.
         self._process = subprocess.Popen(command, env=env, stdout=log_file,
@@ -80,6 +103,8 @@ class PrefectServer:
                                     f"; see {self.home / 'server.log'}")
             if self.healthy():
                 log.info("Prefect server ready at %s", self.api_url)
+                if self.ui:
+                    log.info("Prefect dashboard at %s", self.dashboard_url)
                 return self
             time.sleep(0.5)
         self.stop()

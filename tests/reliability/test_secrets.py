@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cellpipe import cli
+from cellpipe import logs
 from cellpipe.errors import CellpipeError
 from cellpipe.redact import RedactingFilter, redact_url
 from cellpipe.slides.batch import ModelKey, score_inbox
@@ -60,7 +60,7 @@ def test_an_inbox_url_with_credentials_is_scored_and_stored_redacted(
         http_inbox: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "results"
     caplog.set_level(logging.DEBUG)  # fsspec logs every URL it requests at DEBUG
-    caplog.handler.addFilter(RedactingFilter())  # as cli.main does on its handlers
+    caplog.handler.addFilter(RedactingFilter())  # as configure_logging does on its handlers
     report = score_inbox(_with_credentials(http_inbox), out, ColourRuleClassifier(), PARAMS,
                          MODEL)
     assert report["totals"] == {"scored": 2, "skipped": 0, "quarantined": 1, "ignored": 0}
@@ -83,7 +83,7 @@ def test_log_lines_and_tracebacks_are_redacted_by_the_cli_handlers(
     handler = logging.StreamHandler()
     root.addHandler(handler)
     try:
-        cli.install_log_redaction()  # what cli.main does once logging is set up
+        logs.configure_logging()  # what cellpipe and python -m flows do first
         assert any(isinstance(f, RedactingFilter) for f in handler.filters)
         url = f"s3://key:{SECRETS[0]}@bucket/inbox?X-Amz-Signature={SECRETS[1]}"
         logging.getLogger("fsspec").warning("listing %s", url)

@@ -17,10 +17,13 @@ EXIT_QUARANTINED = 3
 
 
 def score(args: argparse.Namespace) -> int:
-    """Score the inbox, print a table of the slides, and compare with a reference if asked."""
+    """Score the inbox, print a table of the slides, and compare with a reference if asked
+    (the comparison also lands in report.html)."""
     from cellpipe.serving.client import TritonClassifier
+    from cellpipe.serving.server import local_model_card
     from cellpipe.slides.batch import ModelKey, score_inbox
-    from cellpipe.slides.reference import compare_with_voc, print_comparison
+    from cellpipe.slides.reference import compare_with_voc, count_errors, print_comparison
+    from cellpipe.slides.report import REPORT_PAGE, write_report_page
     from cellpipe.slides.scoring import ScoreParams
 
     params = load_section(ScoreParams, "score", args.params)
@@ -30,7 +33,9 @@ def score(args: argparse.Namespace) -> int:
                           model_name=model_name(args), timeout_s=params.request_timeout_s,
                           retries=params.retries) as client:
         model = ModelKey(client.model_name, client.pin_served_version())
-        report = score_inbox(args.inbox, args.out, client, params, model)
+        card = local_model_card(model.name, model.version, url=args.url,
+                                state_dir=args.state_dir)
+        report = score_inbox(args.inbox, args.out, client, params, model, model_card=card)
     for outcome in report["slides"]:
         if outcome["status"] == "quarantined":
             log.error("quarantined %s: %s", outcome["slide"], outcome["reason"])
@@ -39,9 +44,16 @@ def score(args: argparse.Namespace) -> int:
     print(f"{totals['scored']} scored, {totals['skipped']} already done, "
           f"{totals['quarantined']} quarantined, {totals['ignored']} hidden files ignored; "
           f"results in {args.out} "
-          f"(summary.csv, slides/*/overlay.png, report.json)")
+          f"(report.html, summary.csv, slides/*/overlay.png, objects.geojson, report.json)")
     if args.compare_voc:
-        print_comparison(compare_with_voc(args.out, args.compare_voc, model))
+        comparison = compare_with_voc(args.out, args.compare_voc, model)
+        print_comparison(comparison)
+        if not comparison.empty:  # the page again, now with the count errors
+            write_report_page(args.out, report, model_card=card,
+                              count_errors=count_errors(comparison))
+    page = args.out / REPORT_PAGE
+    if page.is_file():
+        print(f"Report: {page.resolve()}")
     return EXIT_QUARANTINED if args.strict and totals["quarantined"] else 0
 
 

@@ -234,6 +234,22 @@ class LocalTriton:
         raise ServerError(f"tritonserver (pid {pid}) did not stop")
 
 
+def local_model_card(model_name: str, version: str, *, url: str | None = None,
+                     state_dir: Path | None = None) -> dict | None:
+    """The published card of ``model_name`` version ``version``, when the server scoring
+    with it is the local one (``url`` None or one of its addresses), whose repository is
+    on this disk; None otherwise (a remote server's cards are not reachable)."""
+    info = LocalTriton(state_dir).running()
+    if info is None or (url is not None and url not in (info.grpc_url, info.http_url)):
+        return None
+    card_file = Path(info.repository) / model_name / str(version) / "card.json"
+    try:
+        return json.loads(card_file.read_text())
+    except (OSError, ValueError):
+        log.debug("no readable model card at %s", card_file)
+        return None
+
+
 def _server_environment() -> dict[str, str]:
     """PATH and LD_LIBRARY_PATH that let the bundled server and its Python stub start."""
     env = dict(os.environ)

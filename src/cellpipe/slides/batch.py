@@ -4,11 +4,14 @@ Layout of a results folder::
 
     slides/<name>-<sha12>-<model>-v<version>/   one per scored slide, renamed into place
         objects.parquet   one row per cell or tile
+        objects.geojson   the same objects as QuPath detections (level-0 pixels)
         summary.json      counts, fractions, timings, provenance
         overlay.png       boxes (cells) or a heatmap (tiles) over the slide
+        overlay.thumb.jpg its thumbnail, for report.html
     quarantine/<name>.json                      a slide that could not be scored, and why
     runs/<start time>.json                      what one run scored, skipped, quarantined
     report.json                                 the latest run's report
+    report.html                                 the same, as a page for people to read
     summary.csv                                 every scored slide's counts, one row each
 
 A result folder is written under a temporary name and renamed when complete, so a run
@@ -54,7 +57,9 @@ from cellpipe.fsutil import (
     write_json,
 )
 from cellpipe.redact import redact_text, redact_url
+from cellpipe.slides.annotations import GEOJSON_FILE, write_objects_geojson
 from cellpipe.slides.readers import SLIDE_SUFFIXES, SlideUnreadable, open_slide
+from cellpipe.slides.report import save_thumbnail, thumbnail_path, write_report_page
 from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
 
 log = logging.getLogger(__name__)
@@ -337,12 +342,15 @@ def _reason(error: Exception) -> str:
 
 
 def write_result(target: Path, result: SlideResult, summary: dict) -> None:
-    """Write the slide's folder under a temporary name, then rename it into place."""
+    """Write the slide's folder under a temporary name, then rename it into place:
+    objects (Parquet, and GeoJSON for QuPath), overlays and their thumbnails, summary."""
     started = time.perf_counter()
     with atomic_dir(target) as folder:
         result.objects.to_parquet(folder / "objects.parquet", index=False)
+        write_objects_geojson(folder / GEOJSON_FILE, result.objects, tuple(result.counts))
         for name, overlay in result.overlays.items():
             overlay.save(folder / f"{name}.png")
+            save_thumbnail(overlay, thumbnail_path(folder / f"{name}.png"))
         summary["timings"]["write"] = round(time.perf_counter() - started, 4)
         write_json(folder / "summary.json", summary)
 
@@ -395,8 +403,11 @@ def _quarantine_file(out: Path, slide: InboxSlide) -> Path:
 
 
 def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: ScoreParams,
-                model: ModelKey) -> dict:
-    """Score every pending slide of ``inbox`` into ``out``; return the run report."""
+                model: ModelKey, *, model_card: dict | None = None) -> dict:
+    """Score every pending slide of ``inbox`` into ``out``; return the run report.
+
+    ``model_card`` (the published card of ``model``, when known) is shown in report.html.
+    """
     started = utc_now()
     remove_partial_results(out)
     fs, slides = list_inbox(inbox, links_out=params.follow_links_out)
@@ -407,16 +418,18 @@ def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: Scor
         for slide in tqdm(slides, desc="score slides", unit="slide"):
             outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
     except ScoringStopped as error:
-        _report_stopped_run(out, inbox, model, outcomes, started, error)
+        _report_stopped_run(out, inbox, model, outcomes, started, error, model_card)
         raise
-    return write_run_report(out, inbox, model, outcomes, started)
+    return write_run_report(out, inbox, model, outcomes, started, model_card=model_card)
 
 
 def _report_stopped_run(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
-                        started: str, error: ScoringStopped) -> None:
+                        started: str, error: ScoringStopped,
+                        model_card: dict | None = None) -> None:
     """What a stopped run did before it stopped, when the results disk still takes it."""
     try:
-        write_run_report(out, inbox, model, outcomes, started, stopped=str(error))
+        write_run_report(out, inbox, model, outcomes, started, stopped=str(error),
+                         model_card=model_card)
     except OSError:
         log.debug("the stopped run's report could not be written either", exc_info=True)
 
@@ -434,10 +447,13 @@ def remove_partial_results(out: Path) -> None:
 
 
 def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],
-                     started: str, *, stopped: str | None = None) -> dict:
-    """The run's report (runs/ and report.json) and summary.csv over every result.
+                     started: str, *, stopped: str | None = None,
+                     model_card: dict | None = None) -> dict:
+    """The run's report (runs/, report.json and report.html) and summary.csv over every
+    result.
 
-    ``stopped`` says why a run ended before its last slide (server or disk failure).
+    ``stopped`` says why a run ended before its last slide (server or disk failure);
+    ``model_card`` is shown in report.html. The page comes last and cannot fail the run.
     """
     report = {
         "inbox": redact_url(inbox),
@@ -453,6 +469,7 @@ def write_run_report(out: Path, inbox: str, model: ModelKey, outcomes: list[Slid
     write_json(out / "runs" / f"{started.replace(':', '')}.json", report)
     write_json(out / "report.json", report)
     write_summary_table(out)
+    write_report_page(out, report, model_card=model_card)
     return report
 
 

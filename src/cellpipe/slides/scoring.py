@@ -32,6 +32,11 @@ PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
+def class_colours(class_names: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    """Each class's colour in overlays, reports and QuPath annotations, by its index."""
+    return {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(class_names)}
+
+
 class ImageClassifier(Protocol):
     """What scoring needs from a model: its contract and probabilities for fitted images."""
 
@@ -299,7 +304,7 @@ def draw_overlay(reader: SlideReader, objects: pd.DataFrame, page: int, params: 
     image = Image.fromarray(overview).convert("RGBA")
     layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    colours = {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(class_names)}
+    colours = class_colours(class_names)
     line = max(1, round(2 * max(image.size) / 1024))
     columns = ["x0", "y0", "x1", "y1", "class", "confidence"]
     for x0, y0, x1, y1, name, confidence in objects[columns].itertuples(index=False, name=None):
