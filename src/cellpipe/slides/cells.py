@@ -14,6 +14,10 @@ Two masks, because a Romanowsky/Wright-Giemsa smear holds two kinds of object:
 Every object becomes a box; what it *is* is the classifier's job. Sizes are relative to
 ``cell_diameter``, the typical red-cell diameter in pixels at the resolution read, so one
 set of params serves a scanner at any magnification once that number is set.
+
+Binary morphology (closing, opening, dilation, hole filling) runs in OpenCV, with the same
+pixels as scipy.ndimage (tests/test_cells.py) at a fraction of the time; on the 72 BCCD
+test slides every box is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
@@ -76,8 +81,8 @@ def _stained_mask(rgb: np.ndarray, params: CellFinderParams) -> np.ndarray:
     mask = haematoxylin > threshold
     join = round(params.nucleus_join * params.cell_diameter)
     if join:
-        mask = ndi.binary_closing(mask, morphology.disk(join), border_value=0)
-    return ndi.binary_fill_holes(mask)
+        mask = _erode(_dilate(mask, join), join)  # a closing; outside the image is empty
+    return _fill_holes(mask)
 
 
 def _stained_objects(mask: np.ndarray, shape: tuple[int, int], params: CellFinderParams,
@@ -107,9 +112,10 @@ def _unstained_objects(rgb: np.ndarray, stained_mask: np.ndarray, params: CellFi
     # A white cell's pale cytoplasm is saturated too: the ring around each stained object
     # belongs to that object's (grown) box, not to a red cell.
     ring = max(1, round(params.nucleus_margin * 0.5 * params.cell_diameter))
-    mask &= ~ndi.binary_dilation(stained_mask, morphology.disk(ring))
-    mask = ndi.binary_opening(mask, morphology.disk(max(1, round(0.05 * params.cell_diameter))))
-    mask = ndi.binary_fill_holes(mask)
+    mask &= ~_dilate(stained_mask, ring)
+    smooth = max(1, round(0.05 * params.cell_diameter))
+    mask = _dilate(_erode(mask, smooth), smooth)  # an opening
+    mask = _fill_holes(mask)
     labels = _split_touching(mask, params)
     found = []
     for region in measure.regionprops(labels):
@@ -131,6 +137,32 @@ def _split_touching(mask: np.ndarray, params: CellFinderParams) -> np.ndarray:
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return segmentation.watershed(-distance, markers, mask=mask)
+
+
+# Binary morphology with disks through OpenCV: the same pixels as scipy.ndimage's (border
+# value 0 on both sides), many times faster for the large disks a cell's size calls for.
+
+
+def _disk(radius: int) -> np.ndarray:
+    return morphology.disk(radius).astype(np.uint8)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    return cv2.dilate(mask.astype(np.uint8), _disk(radius), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=0).astype(bool)
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    return cv2.erode(mask.astype(np.uint8), _disk(radius), borderType=cv2.BORDER_CONSTANT,
+                     borderValue=0).astype(bool)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the image's edge filled
+    (4-connected, as scipy.ndimage.binary_fill_holes): a flood from a background frame."""
+    framed = np.pad(mask.astype(np.uint8), 1)
+    cv2.floodFill(framed, None, (0, 0), 1, flags=4)  # the background reachable from outside
+    return mask | ~framed[1:-1, 1:-1].astype(bool)
 
 
 def _otsu(channel: np.ndarray) -> float:
