@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import zlib
 from pathlib import Path
@@ -287,3 +288,70 @@ def test_voc_crops_of_a_slide_share_a_split_when_drawn(tmp_path: Path) -> None:
 def test_split_fractions_must_leave_a_train_split() -> None:
     with pytest.raises(ValueError, match="must be below 1"):
         SplitParams(val_fraction=0.5, test_fraction=0.5)
+
+
+# --- every class in every split, where its images or slides allow -------------------------
+
+
+def _split_counts(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.groupby(["split", "label"]).size().unstack(fill_value=0)
+
+
+@pytest.mark.parametrize("seed", [42, 7])
+def test_a_class_of_three_single_images_is_in_train_val_and_test(tmp_path: Path,
+                                                                 seed: int) -> None:
+    # The white-cell case: every image is its own group, and one class has 3 images, fewer
+    # than the 7 folds of a 15% draw, so a stratified draw alone may leave it out.
+    _class_folders(tmp_path, per_class=60, classes=("a", "b"))
+    _class_folders(tmp_path, per_class=3, classes=("c",))
+    params = _params(split={"seed": seed})
+    result = ingest(tmp_path, params)
+    counts = _split_counts(result.manifest.rows)
+    assert counts.loc[["train", "val", "test"], "c"].tolist() == [1, 1, 1]
+    assert (counts.loc[["val", "test"], ["a", "b"]] >= 8).all(axis=None)  # still stratified
+    assert result.metrics["absent_classes"] == {"train": [], "val": [], "test": []}
+    again = ingest(tmp_path, params).manifest.rows
+    pd.testing.assert_frame_equal(result.manifest.rows, again)  # deterministic for a seed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_rare_class_reaches_every_split_when_its_slides_allow(tmp_path: Path,
+                                                                seed: int) -> None:
+    # 20 slides of class a; three of them also hold two cells of class c.
+    for slide in range(20):
+        for cell in range(4):
+            save(tmp_path / "a" / f"slide{slide:02d}_cell_{cell}.png",
+                 unique_image(slide * 10 + cell, CLASS_COLOURS["a"]))
+    for slide in (3, 8, 15):
+        for cell in (4, 5):
+            save(tmp_path / "c" / f"slide{slide:02d}_cell_{cell}.png",
+                 unique_image(slide * 10 + cell, CLASS_COLOURS["c"]))
+    params = _params(group_pattern=r"([^/]+)_cell_\d+", split={"seed": seed})
+    rows = ingest(tmp_path, params).manifest.rows
+    assert rows.groupby("source_id")["split"].nunique().max() == 1  # slides stay whole
+    assert (_split_counts(rows).loc[["train", "val", "test"], "c"] == 2).all()
+
+
+def test_a_class_too_small_for_every_split_is_named_with_the_split_it_misses(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    _class_folders(source, per_class=40, classes=("a", "b"))
+    _class_folders(source, per_class=2, classes=("c",))
+    with caplog.at_level("WARNING"):
+        result = run(source, out, _params(), workers=1)
+    counts = _split_counts(result.manifest.rows)
+    assert counts.loc["train", "c"] == 1  # train has it first: a class it never saw is lost
+    [missing] = [split for split in ("val", "test") if counts.get("c", {}).get(split, 0) == 0]
+    assert result.metrics["absent_classes"] == {"train": [], "val": [], "test": [],
+                                                **{missing: ["c"]}}
+    assert (json.loads((out / "metrics.json").read_text())["absent_classes"][missing] == ["c"])
+    assert f"class 'c' is missing from split {missing}: 2 images from 2 sources" in caplog.text
+
+
+def test_a_split_the_source_gives_is_kept_and_its_missing_class_named(tmp_path: Path) -> None:
+    _class_folders(tmp_path / "TRAIN", per_class=20, classes=("a", "b", "c"))
+    _class_folders(tmp_path / "TEST", per_class=5, classes=("a", "b"))
+    result = ingest(tmp_path, _params(split={"val_fraction": 0.2, "test_fraction": 0.2}))
+    rows = result.manifest.rows
+    assert rows.loc[rows["split"] == "test", "path"].str.startswith("TEST/").all()
+    assert result.metrics["absent_classes"] == {"train": [], "val": [], "test": ["c"]}

@@ -109,3 +109,32 @@ def test_gain_lower_bound_tells_noise_from_a_real_gain() -> None:
     # Two more right answers out of 40 is +0.05 macro-F1 but within what chance gives.
     assert macro_f1_gain_lower_bound(labels, before, two_fixed) < 0.01
     assert macro_f1_gain_lower_bound(labels, before, ten_fixed) > 0.1
+
+
+def test_macro_averages_cover_the_classes_present_and_name_the_absent() -> None:
+    # Class c has no image here, but the model predicts it once (row 3, a b).
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1],
+                      [0.1, 0.3, 0.6], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05]])
+    report = classification_report(labels, probs, ["a", "b", "c"])
+    assert report["absent_classes"] == ["c"] and report["classes_averaged"] == ["a", "b"]
+    # a: recall 2/3, precision 2/2; b: recall 2/3, precision 2/3 (row 1 predicted b).
+    f1 = {"a": 2 * 1 * (2 / 3) / (1 + 2 / 3), "b": 2 / 3}
+    assert report["macro_f1"] == pytest.approx((f1["a"] + f1["b"]) / 2)
+    assert report["balanced_accuracy"] == report["macro_recall"] == pytest.approx(2 / 3)
+    assert report["macro_precision"] == pytest.approx((1 + 2 / 3) / 2)
+    present_aucs = [report["per_class"][name]["roc_auc"] for name in ("a", "b")]
+    assert report["roc_auc_ovr_macro"] == pytest.approx(np.mean(present_aucs))
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                        "support": 0, "roc_auc": None}
+
+
+def test_with_every_class_present_the_averages_are_scikit_learns() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    report = classification_report(LABELS, PROBS, ["a", "b", "c"])
+    predictions = PROBS.argmax(axis=1)
+    assert report["absent_classes"] == []
+    assert report["macro_f1"] == f1_score(LABELS, predictions, labels=[0, 1, 2],
+                                          average="macro", zero_division=0)
+    assert report["balanced_accuracy"] == balanced_accuracy_score(LABELS, predictions)

@@ -86,3 +86,33 @@ def test_imported_code_covers_what_python_loads_and_imports_inside_functions() -
     batch = REPO / "src/cellpipe/slides/batch.py"
     assert batch in found and batch not in loaded
     assert REPO / "src/cellpipe/codefiles.py" in set(imported_code("cellpipe.stages.train"))
+
+
+# Keys whose params.yaml value describes the demo's data set rather than a default: the
+# code's default works on any data set (ingest.classes: [] infers the class names).
+DATA_SET_CHOICES = {"ingest.classes"}
+
+
+def _flat(values: dict, prefix: str) -> dict:
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}.{name}")
+        else:
+            flat[f"{prefix}.{name}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_params_yaml_holds_the_code_defaults(stage: str) -> None:
+    """One source of defaults: what the code falls back to when params.yaml leaves a key
+    out is what params.yaml says. Required keys (no default) are taken from params.yaml."""
+    _, model = STAGES[stage]
+    required = {name: PARAMS[stage][name] for name, field in model.model_fields.items()
+                if field.is_required()}
+    defaults = _flat(model.model_validate(required).model_dump(mode="json"), stage)
+    written = _flat(model.model_validate(PARAMS[stage]).model_dump(mode="json"), stage)
+    differences = {key: {"code": defaults[key], "params.yaml": written[key]}
+                   for key in defaults if defaults[key] != written[key]
+                   and key not in DATA_SET_CHOICES}
+    assert differences == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,6 +123,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(shards: Path, man
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"train": {
         "backbone": "smallcnn", "weights": "none", "batch_size": 16,
+        "early_stopping_patience": 10,  # every epoch runs: the history below counts them
         "phases": [{"trainable": "head", "epochs": 2, "lr": 0.01},
                    {"trainable": "all", "epochs": 6, "lr": 0.01}]}}))
 
@@ -156,3 +158,135 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(shards: Path, man
     assert "seconds" not in history.columns
     for name in ("history.csv", "metrics.json", "model.pt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+# --- a stopped run still yields a model ----------------------------------------------------
+
+
+def _stop_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, stop: BaseException) -> None:
+    """Make the ``epoch``-th training epoch raise ``stop``, as a signal would."""
+    from cellpipe.engine.loop import Objective
+
+    calls = {"epochs": 0}
+    original = Objective.train_epoch
+
+    def stopping(self, current):
+        calls["epochs"] += 1
+        if calls["epochs"] == epoch:
+            raise stop
+        return original(self, current)
+
+    monkeypatch.setattr(Objective, "train_epoch", stopping)
+
+
+def test_export_best_saves_a_killed_runs_best_weights_marked_partial(
+        shards: Path, manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellpipe.engine.checkpoint import load_checkpoint
+    from cellpipe.stages import export as export_stage
+
+    out = tmp_path / "out"
+    params = _params(phases=[{"trainable": "head", "epochs": 2, "lr": 0.01},
+                             {"trainable": "all", "epochs": 3, "lr": 0.01}])
+    with monkeypatch.context() as patch:
+        _stop_in_epoch(patch, 4, KeyboardInterrupt("killed"))  # a kill: nothing saved
+        with pytest.raises(KeyboardInterrupt):
+            _run(shards, manifest, out, params)
+    assert not (out / "model.pt").exists()
+
+    metrics = train_stage.run(shards, manifest, out, out / "model.pt", params, device="cpu",
+                              export_best=True)
+    saved = load_checkpoint(out / "checkpoints" / "round0.pt")
+    partial = {"reason": "exported with --export-best", "round": "round0", "epochs_done": 3,
+               "phases_done": 1, "phases": 2}
+    trained = load_model(out / "model.pt")
+    assert trained.info["partial"] == metrics["partial"] == partial
+    assert trained.info["val_macro_f1"] == saved["best_score"]
+    for key, weights in trained.classifier.state_dict().items():
+        assert torch.equal(weights, saved["best_state"][key]), key
+    assert len(pd.read_csv(out / "history.csv")) == 3
+    card = export_stage.run(out / "model.pt", tmp_path / "none.json", shards, tmp_path / "export",
+                            export_stage.ExportParams(fold_temperature=False))
+    assert card is not None
+    exported = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert exported["partial"] == partial
+
+    finished = _run(shards, manifest, out, params)  # the same command resumes the run
+    assert finished["epochs"] == 5 and "partial" not in finished
+    assert "partial" not in load_model(out / "model.pt").info
+
+
+def test_export_best_refuses_checkpoints_of_another_run(shards: Path, manifest: Path,
+                                                       tmp_path: Path) -> None:
+    from cellpipe.errors import InputError
+
+    out = tmp_path / "out"
+    _run(shards, manifest, out, _params())
+    other = _params(phases=[{"trainable": "all", "epochs": 3, "lr": 0.02}])
+    with pytest.raises(InputError, match="no finished epoch of this run in"):
+        train_stage.run(shards, manifest, out, out / "model.pt", other, device="cpu",
+                        export_best=True)
+
+
+def test_a_signal_in_process_saves_the_best_so_far_and_stops(
+        shards: Path, manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from cellpipe.errors import Interrupted
+
+    out = tmp_path / "out"
+    _stop_in_epoch(monkeypatch, 3, Interrupted(signal.SIGINT))
+    with caplog.at_level("INFO"), pytest.raises(Interrupted):
+        _run(shards, manifest, out, _params())
+    assert load_model(out / "model.pt").info["partial"]["reason"] == "stopped by SIGINT"
+    assert "stopped by SIGINT: the best weights so far are saved in" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~10 s of the ~15
+def test_sigterm_mid_training_saves_a_partial_model_and_exits_non_zero(
+        shards: Path, manifest: Path, tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"train": {
+        "backbone": "smallcnn", "weights": "none", "batch_size": 16,
+        "early_stopping_patience": 1000,
+        "phases": [{"trainable": "all", "epochs": 1000, "lr": 0.01}]}}))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cellpipe", "train", "--shards", str(shards),
+               "--manifest", str(manifest), "--out", str(out), "--model", str(out / "model.pt"),
+               "--params", str(params_file), "--device", "cpu"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in run.stderr:
+        if "phase 1/1 epoch 2:" in line:  # two epochs checkpointed, the third under way
+            run.send_signal(signal.SIGTERM)
+            break
+    rest = run.stderr.read()
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, rest
+    partial = load_model(out / "model.pt").info["partial"]
+    assert partial["reason"] == "stopped by SIGTERM" and partial["epochs_done"] >= 2
+    assert "marked partial" in rest and "ERROR" in rest and "stopped by SIGTERM" in rest
+
+
+# --- the log says where the best epoch was ------------------------------------------------
+
+
+def test_best_epoch_is_counted_within_its_phase_and_round() -> None:
+    history = pd.DataFrame({"phase": [1, 1, 1, 2, 2, 1, 2, 2],
+                            "val_macro_f1": [0.1, 0.5, 0.4, 0.6, 0.7, 0.2, 0.3, 0.7],
+                            "round": [None] * 5 + [1] * 3})
+    best, epoch_in_phase = train_stage.best_epoch(history)
+    assert (best["phase"], epoch_in_phase) == (2, 2)  # the first 0.7: round 0's 5th epoch
+    best, epoch_in_phase = train_stage.best_epoch(history.iloc[5:])
+    assert (best["phase"], epoch_in_phase) == (2, 2)
+
+
+def test_the_log_names_the_phase_and_epoch_of_the_best(
+        shards: Path, manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = _params(phases=[{"trainable": "head", "epochs": 2, "lr": 1e-7},
+                             {"trainable": "all", "epochs": 2, "lr": 0.01}])
+    with caplog.at_level("INFO"):
+        _run(shards, manifest, tmp_path / "out", params)
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    best = history.loc[history["val_macro_f1"].idxmax()]
+    within = int(best["epoch"]) - (2 if best["phase"] == 2 else 0)
+    assert (f"best val macro-F1 {best['val_macro_f1']:.4f} in phase {best['phase']} "
+            f"epoch {within} (4 epochs in all, ") in caplog.text

@@ -27,7 +27,7 @@ from types import ModuleType
 from cellpipe import __version__
 from cellpipe.commands import score, triton
 from cellpipe.commands.score import EXIT_QUARANTINED  # noqa: F401 (part of the CLI's interface)
-from cellpipe.errors import CellpipeError, InputError
+from cellpipe.errors import CellpipeError, InputError, Interrupted
 from cellpipe.logs import configure_logging
 from cellpipe.params import DEFAULT_PARAMS_FILE, load_section
 
@@ -141,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CellpipeError as error:
         log.error("%s", error)
         return 1
+    except Interrupted as stop:  # the command has saved what it could (and said so)
+        log.error("%s", stop)
+        return 128 + stop.signum
     except BrokenPipeError:
         # The reader went away (`cellpipe … | head`): stop quietly, as Unix tools do, and
         # point stdout at /dev/null so that the interpreter's final flush cannot fail again.

@@ -77,7 +77,7 @@ class FitParams(StageParams):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     balance: Literal["sampler", "loss", "none"] = "sampler"
-    early_stopping_patience: int = Field(5, ge=1)
+    early_stopping_patience: int = Field(4, ge=1)
     cache_frozen_features: bool = True
     freeze_pretrained_bn: bool = True
     seed: int = 42
@@ -380,8 +380,10 @@ def _epoch_record(state: RunState, index: int, phase: PhaseParams, train_loss: f
         "train_loss": round(train_loss, 6),
         "val_loss": round(val_loss.item(), 6),
         "val_accuracy": round(float((predictions == labels).mean()), 6),
-        "val_macro_f1": round(float(f1_score(labels, predictions, average="macro",
-                                             zero_division=0)), 6),
+        # Over the classes val holds, as every macro average (engine/metrics.py): a class
+        # that val lacks has no F1 to learn from, only the 0 of a wrong prediction.
+        "val_macro_f1": round(float(f1_score(labels, predictions, labels=np.unique(labels),
+                                             average="macro", zero_division=0)), 6),
         "seconds": round(seconds, 3),
     }
 

@@ -14,8 +14,6 @@ import scipy.stats
 import torch
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
-    f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
 )
@@ -23,23 +21,37 @@ from sklearn.metrics import (
 
 def classification_report(labels: np.ndarray, probabilities: np.ndarray,
                           class_names: Sequence[str]) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1 and one-vs-rest ROC-AUC."""
+    """Accuracy, per-class P/R/F1 and one-vs-rest ROC-AUC, and their macro averages.
+
+    Every macro average (balanced accuracy = macro recall, macro precision, macro-F1,
+    macro ROC-AUC) is over the same classes: those present in ``labels``. A class with
+    no image in the split has no recall or AUC to average, and counting it as 0 (as
+    f1_score with every label would) says nothing about the model; it is listed in
+    ``absent_classes`` instead, with its per-class row (support 0) still reported.
+    """
     predictions = probabilities.argmax(axis=1)
     every_class = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=every_class, zero_division=0)
+    present = [k for k in every_class if support[k] > 0]
     per_class = {
         name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
                "support": int(support[k]), "roc_auc": _one_vs_rest_auc(labels, probabilities, k)}
         for k, name in enumerate(class_names)
     }
-    aucs = [c["roc_auc"] for c in per_class.values() if c["roc_auc"] is not None]
+    aucs = [per_class[class_names[k]]["roc_auc"] for k in present]
+    aucs = [auc for auc in aucs if auc is not None]  # None: a split of one class only
+    macro_precision, macro_recall, macro_f1, _ = precision_recall_fscore_support(
+        labels, predictions, labels=present or every_class, average="macro", zero_division=0)
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, labels=every_class, average="macro",
-                                   zero_division=0)),
+        "balanced_accuracy": float(macro_recall),
+        "macro_precision": float(macro_precision),
+        "macro_recall": float(macro_recall),
+        "macro_f1": float(macro_f1),
         "roc_auc_ovr_macro": float(np.mean(aucs)) if aucs else None,
+        "classes_averaged": [class_names[k] for k in present],
+        "absent_classes": [class_names[k] for k in every_class if k not in present],
         "per_class": per_class,
     }
 

@@ -103,6 +103,9 @@ def export(model_path: Path, temperature: float, images: np.ndarray, labels: np.
     (raises :class:`StageFailed` otherwise), and try INT8 when asked."""
     trained = load_model(model_path)
     contract = trained.contract
+    if "partial" in trained.info:
+        log.warning("%s is the best so far of a stopped training run (%s): its card says so",
+                    model_path, trained.info["partial"]["reason"])
     loader = image_loader(ImageDataset(images, labels), contract, batch_size=params.batch_size)
     logits, _ = predict(Device.pick("cpu").prepare(trained.classifier), loader,
                         Device.pick("cpu"), desc="export: PyTorch reference")
@@ -148,6 +151,8 @@ def export(model_path: Path, temperature: float, images: np.ndarray, labels: np.
         "checkpoint_sha256": file_sha256(model_path),
         "train_params": trained.info.get("params"),
         "export_params": json.loads(params.model_dump_json()),
+        # A stopped training run's best weights so far (cellpipe train --export-best).
+        **({"partial": trained.info["partial"]} if "partial" in trained.info else {}),
     }
     metrics = {"val_accuracy": served_scores["accuracy"],
                "val_macro_f1": served_scores["macro_f1"], "precision": card["precision"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,10 +100,16 @@ class IngestResult:
     duplicates: pd.DataFrame
     metrics: dict = field(default_factory=dict)
     hidden: list[Rejection] = field(default_factory=list)  # listed, but not failed inputs
+    # Labels found outside the class list, with how many files or objects carry each.
+    unknown_labels: dict[str, int] = field(default_factory=dict)
 
 
-def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestResult:
-    """Build the manifest of ``source``; raises StageFailed above the rejected fraction."""
+def ingest(source: Path, params: IngestParams, *, workers: int = 1,
+           classes_from: str = "ingest.classes") -> IngestResult:
+    """Build the manifest of ``source``; raises StageFailed above the rejected fraction.
+
+    ``classes_from`` says in rejection reasons where ``params.classes`` came from.
+    """
     found = discover(source, params.layout, classes=params.classes,
                      group_pattern=params.group_pattern, links_out=params.follow_links_out)
     if found.hidden:
@@ -114,7 +121,9 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
     rejections = list(found.rejections)
     probes = _probe_all(source, found.items, params, workers, rejections)
     classes = tuple(params.classes) or _infer_classes(found)
-    rows = _expand(found.items, probes, params.voc, classes, rejections)
+    unknown: Counter[str] = Counter()
+    rows = _expand(found.items, probes, params.voc, _ClassList(classes, classes_from, unknown),
+                   rejections)
     rows["group"] = merge_duplicate_groups(rows) if len(rows) else pd.Series(dtype="string")
     rows["split"] = assign_splits(rows, val_fraction=params.split.val_fraction,
                                   test_fraction=params.split.test_fraction, seed=params.split.seed)
@@ -125,7 +134,8 @@ def ingest(source: Path, params: IngestParams, *, workers: int = 1) -> IngestRes
     manifest = Manifest(conform(rows.drop(columns="group")), classes,
                         params.voc.geometry if cut else None)
     metrics = _metrics(manifest, rejections, duplicates)
-    return IngestResult(manifest, rejections, duplicates, metrics, hidden=found.hidden)
+    return IngestResult(manifest, rejections, duplicates, metrics, hidden=found.hidden,
+                        unknown_labels=dict(sorted(unknown.items())))
 
 
 def check_rejected_fraction(result: IngestResult, limit: float) -> None:
@@ -168,9 +178,22 @@ def run(source: Path, out: Path, params: IngestParams, *, workers: int) -> Inges
     log.info("%d rows in the manifest, %d inputs rejected (%.2f%%), %d duplicate files",
              result.metrics["rows"], result.metrics["rejected"],
              100 * result.metrics["rejected_fraction"], result.metrics["duplicate_files"])
+    _warn_absent_classes(result.manifest, result.metrics["absent_classes"])
     check_rejected_fraction(result, params.max_rejected_fraction)
     write_outputs(result, out)
     return result
+
+
+def _warn_absent_classes(manifest: Manifest, absent: dict[str, list[str]]) -> None:
+    """Log each class that some split lacks: too few images (or slides) to be in all."""
+    rows = manifest.rows
+    for name in manifest.classes:
+        missing = [split for split, names in absent.items() if name in names]
+        if missing:
+            own = rows[rows["label"] == name]
+            log.warning("class '%s' is missing from split %s: %d images from %d sources "
+                        "(slides or groups), too few to be in every split", name,
+                        ", ".join(missing), len(own), own["source_id"].nunique())
 
 
 # --- probe ---------------------------------------------------------------------------------
@@ -217,11 +240,28 @@ def _infer_classes(found: Discovery) -> tuple[str, ...]:
     return tuple(sorted(labels))
 
 
+@dataclass(frozen=True)
+class _ClassList:
+    """The labels a manifest may hold, where that list came from (for the reasons), and a
+    tally of the labels found outside it."""
+
+    names: Sequence[str]
+    origin: str
+    unknown: Counter[str]
+
+    def __contains__(self, label: object) -> bool:
+        return label in self.names
+
+    def reject(self, label: str) -> str:
+        """Count ``label`` as unknown; the rejection reason."""
+        self.unknown[label] += 1
+        return f"label '{label}' is not in the class list {list(self.names)} ({self.origin})"
+
+
 def _expand(items: Sequence[SourceItem], probes: dict[str, FileProbe], voc: VocParams,
-            classes: Sequence[str], rejections: list[Rejection]) -> pd.DataFrame:
+            known: _ClassList, rejections: list[Rejection]) -> pd.DataFrame:
     """One manifest row per usable page (whole images) or object (annotated slides)."""
     records: list[dict] = []
-    known = set(classes)
     for item in items:
         probe = probes.get(item.path)
         if probe is None:
@@ -230,24 +270,24 @@ def _expand(items: Sequence[SourceItem], probes: dict[str, FileProbe], voc: VocP
                 "split": item.split}
         if item.objects is None:
             if item.label is not None and item.label not in known:
-                rejections.append(Rejection(item.path, _unknown_label(item.label, classes)))
+                rejections.append(Rejection(item.path, known.reject(item.label)))
                 continue
             for page in probe.pages:
                 records.append({**base, "label": item.label, "page": page.index,
                                 "width": page.width, "height": page.height})
         else:
-            records += _object_rows(item, probe.pages[0], base, voc, known, classes, rejections)
+            records += _object_rows(item, probe.pages[0], base, voc, known, rejections)
     rows = pd.DataFrame.from_records(records) if records else empty_rows()
     return rows.astype({"split": "object", "label": "object"})
 
 
-def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, known: set[str],
-                 classes: Sequence[str], rejections: list[Rejection]) -> list[dict]:
+def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams,
+                 known: _ClassList, rejections: list[Rejection]) -> list[dict]:
     records = []
     for number, obj in enumerate(item.objects or (), start=1):
         where = f"object {number} ({obj.label} at {obj.box})"
         if obj.label not in known:
-            reason = f"{where}: {_unknown_label(obj.label, classes)}"
+            reason = f"{where}: {known.reject(obj.label)}"
             rejections.append(Rejection(item.path, reason))
             continue
         x0, y0, x1, y1 = obj.box
@@ -268,16 +308,13 @@ def _object_rows(item: SourceItem, page: PageInfo, base: dict, voc: VocParams, k
     return records
 
 
-def _unknown_label(label: str, classes: Sequence[str]) -> str:
-    return f"label '{label}' is not in the class list {list(classes)} (ingest.classes)"
-
-
 # --- metrics -------------------------------------------------------------------------------
 
 
 def _metrics(manifest: Manifest, rejections: Sequence[Rejection],
              duplicates: pd.DataFrame) -> dict:
-    """Counts per class and split, for ``dvc metrics show``."""
+    """Counts per class and split, for ``dvc metrics show``, and the classes each labelled
+    split lacks."""
     rows = manifest.rows
     inputs = len(rows) + len(rejections)
     per_split = {}
@@ -292,4 +329,7 @@ def _metrics(manifest: Manifest, rejections: Sequence[Rejection],
         "duplicate_files": int(len(duplicates)),
         "classes": {name: int((rows["label"] == name).sum()) for name in manifest.classes},
         "splits": per_split,
+        "absent_classes": {split: [name for name in manifest.classes
+                                   if name not in per_split[split]]
+                           for split in ("train", "val", "test") if split in per_split},
     }

@@ -4,14 +4,24 @@ Phases: build (registry backbone + head, model I/O contract) → fit (the one lo
 resumable; ``sgan`` and ``fixmatch`` plug their objective into it) → for
 ``pseudo_label``, rounds of labelling confident unlabeled images and refitting →
 save the self-describing checkpoint, history, curves, metrics.
+
+A stopped run still yields a model: on SIGINT or SIGTERM the best weights of the
+checkpoints on disk are saved as ``model.pt``, marked partial (``info["partial"]``,
+also in metrics.json and the export's card), before the command exits non-zero; and
+``--export-best`` does the same for a run that was killed outright. Rerunning the
+command resumes the run from its checkpoints either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,10 +35,11 @@ from cellpipe.data.geometry import CropGeometry
 from cellpipe.data.shards import labeled, open_split, read_meta
 from cellpipe.data.synthetic import open_synthetic, read_synthetic_meta
 from cellpipe.engine import distributed
-from cellpipe.engine.checkpoint import run_fingerprint, save_model
+from cellpipe.engine.checkpoint import load_checkpoint, run_fingerprint, save_model
 from cellpipe.engine.data import ImageDataset, build_train_augmentation
 from cellpipe.engine.fit import FitParams, FitResult, fit, seed_everything
 from cellpipe.engine.loop import Device, Objective
+from cellpipe.errors import InputError, Interrupted
 from cellpipe.fsutil import write_json
 from cellpipe.methods.data_gate import data_gate
 from cellpipe.methods.fixmatch import FixMatch, FixMatchParams, TwoViews, build_strong_augment
@@ -86,6 +97,7 @@ class TrainOutcome:
     pseudo_labels: pd.DataFrame
     gate: dict = field(default_factory=dict)  # the data gate's numbers, if it ran
     generated: np.ndarray | None = None       # sgan: samples of the final generator
+    partial: dict | None = None  # a stopped run's best weights so far: how far it got
 
 
 def make_contract(meta: dict, backbone: Backbone, params: TrainParams) -> ModelContract:
@@ -119,6 +131,11 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
              params.backbone, params.weights,
              f"first {params.backbone_blocks} blocks" if params.backbone_blocks else "all blocks",
              len(train_split.images), len(val_split.images), list(contract.class_names))
+    absent = [name for k, name in enumerate(contract.class_names) if k not in val_split.labels]
+    if absent:
+        log.warning("val holds no image of class %s: val macro-F1, which picks the best epoch, "
+                    "averages the %d classes it holds", ", ".join(absent),
+                    len(contract.class_names) - len(absent))
     rounds = _ClassifierRounds(shards, contract, params, device, checkpoints, fingerprint,
                                ImageDataset(val_split.images, val_split.labels), backbone)
     fitted = rounds(train_split.images, train_split.labels, "round0", "")
@@ -126,7 +143,7 @@ def train(shards: Path, params: TrainParams, *, device: Device, checkpoints: Pat
     if synthetic is not None and params.synthetic != "never":
         fitted, train_split, gate = data_gate(open_synthetic(synthetic, meta), train_split,
                                               labeled(val_split), fitted, params, rounds)
-    pseudo = pd.DataFrame(columns=["round", "unlabeled_row", "label", "confidence"])
+    pseudo = _no_pseudo_labels()
     if params.method == "pseudo_label":
         unlabeled = open_split(shards, "unlabeled", needed_by="method pseudo_label")
         fitted, pseudo = pseudo_label_rounds(fitted, train_split, unlabeled, contract, device,
@@ -195,6 +212,47 @@ def _objective(shards: Path, contract: ModelContract, params: TrainParams) -> Ob
                     params.batch_size, params.label_smoothing)
 
 
+def best_so_far(shards: Path, params: TrainParams, *, checkpoints: Path, fingerprint: str,
+                reason: str) -> TrainOutcome | None:
+    """The best weights that this run's checkpoints hold, as a partial outcome; None before
+    the first epoch ended.
+
+    Every round that early-stops on the val split is a candidate (the first fit, the
+    data gate's with synthetic images, pseudo-label rounds), and the best val macro-F1
+    wins; the gate's folds early-stop on parts of train, so their scores do not compare.
+    Checkpoints of other params, data or code (another fingerprint) are not this run's.
+    """
+    candidates = []
+    for path in sorted(checkpoints.glob("*.pt")):
+        if path.stem.startswith("gate_fold"):
+            continue
+        saved = load_checkpoint(path)
+        if not saved.get("history"):
+            continue
+        if not str(saved.get("fingerprint")).startswith(f"{fingerprint}:{path.stem}:"):
+            log.info("ignoring %s: it belongs to other params, data or code", path)
+            continue
+        candidates.append((saved["best_score"], path.stem, saved))
+    if not candidates:
+        return None
+    _, name, saved = max(candidates, key=lambda candidate: candidate[0])  # the first best
+    result = FitResult(saved["best_score"], saved["best_state"], saved["history"],
+                       saved["best_val_predictions"])
+    backbone = build_backbone(params.backbone, "none", params.backbone_blocks)  # weights below
+    contract = make_contract(read_meta(shards), backbone, params)
+    model = Classifier(backbone, len(contract.class_names), params.dropout)
+    model.load_state_dict(result.best_state)
+    partial = {"reason": reason, "round": name, "epochs_done": len(result.history),
+               "phases_done": int(saved["phase"]), "phases": len(params.phases)}
+    log.info("best so far: %s's val macro-F1 %.4f after %d epochs (%d of %d phases done)",
+             name, result.best_score, len(result.history), saved["phase"], len(params.phases))
+    return TrainOutcome(model, contract, result, _no_pseudo_labels(), partial=partial)
+
+
+def _no_pseudo_labels() -> pd.DataFrame:
+    return pd.DataFrame(columns=["round", "unlabeled_row", "label", "confidence"])
+
+
 def fingerprint_of(params: TrainParams, manifest: Path, shards: Path,
                    synthetic: Path | None = None) -> str:
     """Identity of a training run (params, data, synthetic data, code): see run_fingerprint."""
@@ -219,56 +277,124 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "decides whether its images are used (train.synthetic)",
              required=False)
     add_device(parser)
+    parser.add_argument("--export-best", action="store_true",
+                        help="train nothing: save the best weights of this run's checkpoints "
+                             "(a stopped or killed run) as the model, marked partial")
 
 
 def run(shards: Path, manifest: Path, out: Path, model: Path, params: TrainParams, *,
-        synthetic: Path | None = None, device: str = "auto") -> dict:
+        synthetic: Path | None = None, device: str = "auto", export_best: bool = False) -> dict:
     """The stage as DVC runs it: checkpoint to ``model``, reports under ``out``.
 
     Under ``torchrun`` every rank trains (DDP: see engine/distributed.py) and rank 0
-    alone writes; the other ranks wait for it and return its metrics.
+    alone writes; the other ranks wait for it and return its metrics. SIGINT or SIGTERM
+    while it trains saves the best weights so far as a partial ``model`` (see
+    :func:`best_so_far`), then raises :class:`Interrupted`; ``export_best`` only does
+    that saving.
     """
+    fingerprint = fingerprint_of(params, manifest, shards, synthetic)
+    checkpoints = out / "checkpoints"
+    if export_best:
+        outcome = best_so_far(shards, params, checkpoints=checkpoints, fingerprint=fingerprint,
+                              reason="exported with --export-best")
+        if outcome is None:
+            raise InputError(f"no finished epoch of this run in {checkpoints} (a checkpoint "
+                             "of other params, data or code is not this run's)")
+        return _write_outputs(outcome, params, manifest, out, model)
     picked = Device.pick(device)
-    with distributed.process_group(picked.torch_device):
-        outcome = train(shards, params, device=picked, checkpoints=out / "checkpoints",
-                        fingerprint=fingerprint_of(params, manifest, shards, synthetic),
-                        synthetic=synthetic)
+    with distributed.process_group(picked.torch_device), _stop_on_signals():
+        try:
+            outcome = train(shards, params, device=picked, checkpoints=checkpoints,
+                            fingerprint=fingerprint, synthetic=synthetic)
+        except Interrupted as stop:
+            if distributed.is_main():
+                _save_best_so_far(stop, shards, params, checkpoints, fingerprint, manifest, out,
+                                  model)
+            raise
         metrics = (_write_outputs(outcome, params, manifest, out, model)
                    if distributed.is_main() else None)
         # Also the other ranks' barrier: they return once rank 0's outputs are on disk.
         return distributed.broadcast_object(metrics)
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` meanwhile (Python's default for
+    SIGTERM ends the process on the spot, with nothing saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller's thread keeps its own
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():  # None: set outside Python; the default
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def _save_best_so_far(stop: Interrupted, shards: Path, params: TrainParams, checkpoints: Path,
+                      fingerprint: str, manifest: Path, out: Path, model: Path) -> None:
+    """After a stop: the best weights on disk as a partial model, if an epoch ended."""
+    outcome = best_so_far(shards, params, checkpoints=checkpoints, fingerprint=fingerprint,
+                          reason=str(stop))
+    if outcome is None:
+        log.warning("%s before the first epoch ended: no model saved", stop)
+        return
+    _write_outputs(outcome, params, manifest, out, model)
+    log.warning("%s: the best weights so far are saved in %s, marked partial; the same "
+                "command resumes the run", stop, model)
+
+
 def _write_outputs(outcome: TrainOutcome, params: TrainParams, manifest: Path, out: Path,
                    model_path: Path) -> dict:
-    """Checkpoint, history, curves and metrics of a finished run (rank 0's job under DDP)."""
+    """Checkpoint, history, curves and metrics of a finished run, or of a stopped one's best
+    weights so far (``outcome.partial``); rank 0's job under DDP."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    timed = pd.DataFrame.from_records(outcome.result.history)
+    history = pd.DataFrame.from_records(outcome.result.history)
     # Wall-clock seconds stay out of every tracked file: they differ on each run, and a
-    # rerun that reproduces the same weights must leave dvc.lock and git unchanged.
-    history = timed.drop(columns="seconds")
+    # rerun that reproduces the same weights must leave dvc.lock and git unchanged. (A
+    # history read back from a checkpoint has none.)
+    seconds = history.pop("seconds").sum() if "seconds" in history else None
+    partial = {"partial": outcome.partial} if outcome.partial else {}
     save_model(model_path, outcome.model, outcome.contract, backbone=params.backbone,
                backbone_blocks=params.backbone_blocks, weights=params.weights,
                dropout=params.dropout,
                params=json.loads(params.model_dump_json()), manifest_sha256=manifest_sha,
                val_macro_f1=outcome.result.best_score, data_gate=outcome.gate,
-               history=history.to_dict(orient="records"))
+               history=history.to_dict(orient="records"), **partial)
     history.to_csv(out / "history.csv", index=False)
     outcome.pseudo_labels.to_csv(out / "pseudo_labels.csv", index=False)
     training_curves(history, out / "curves.png")
     if outcome.generated is not None:  # a look at what the classifier learnt to reject
         image_gallery(outcome.generated, [""] * len(outcome.generated),
                         out / "sgan_generated.png", title="sgan: generated images")
-    best = history.loc[history["val_macro_f1"].idxmax()]
+    best, epoch_in_phase = best_epoch(history)
     metrics = {
         "val_macro_f1": float(best["val_macro_f1"]),
         "val_accuracy": float(best["val_accuracy"]),
         "epochs": len(history),
         "pseudo_labels": len(outcome.pseudo_labels),
         **outcome.gate,
+        **partial,
     }
     write_json(out / "metrics.json", metrics)
-    log.info("best val macro-F1 %.4f after %d epochs (%.1f s); model saved to %s",
-             metrics["val_macro_f1"], metrics["epochs"], timed["seconds"].sum(), model_path)
+    where = f"round {int(best['round'])} " if pd.notna(best.get("round")) else ""
+    log.info("best val macro-F1 %.4f in %sphase %d epoch %d (%d epochs in all%s); %smodel "
+             "saved to %s", metrics["val_macro_f1"], where, best["phase"], epoch_in_phase,
+             metrics["epochs"], f", {seconds:.1f} s" if seconds is not None else "",
+             "partial " if outcome.partial else "", model_path)
     return metrics
+
+
+def best_epoch(history: pd.DataFrame) -> tuple[pd.Series, int]:
+    """The best epoch's record (the first best, as the loop keeps it) and its number within
+    its phase; ``epoch`` counts over all phases of a round."""
+    best = history["val_macro_f1"].idxmax()
+    rounds = history["round"].fillna(0) if "round" in history else pd.Series(0, history.index)
+    same_phase = (rounds == rounds[best]) & (history["phase"] == history.at[best, "phase"])
+    return history.loc[best], int(same_phase.loc[:best].sum())
