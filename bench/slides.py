@@ -5,7 +5,12 @@ slides/s and cells/s over the whole batch, the share of time per phase (read, fi
 cells, infer, overlay, write), and the per-slide counts against the VOC annotations:
 mean absolute error per class and the share of slides counted exactly.
 
-    python bench/slides.py [--protocol grpc] [--split test]
+    python bench/slides.py [--protocol grpc] [--split test] [--workers N] [--tag NAME]
+
+``--workers`` overrides score.workers (1: one process, as before parallel scoring);
+``--png-level`` the overlay PNG's zlib level (with ``--workers 1``); ``--tag`` writes
+slides_<tag>.md/.json instead of slides.md/.json, to compare settings without
+overwriting the reference run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pandas as pd
 from cellpipe.params import load_section
 from cellpipe.serving.client import TritonClassifier
 from cellpipe.serving.server import LocalTriton, free_port
+from cellpipe.slides import batch
 from cellpipe.slides.batch import ModelKey, score_inbox
 from cellpipe.slides.reference import compare_with_voc, count_errors
 from cellpipe.slides.scoring import ScoreParams
@@ -38,10 +44,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--split", default="test", help="BCCD ImageSets/Main split")
+    parser.add_argument("--workers", type=int, help="score.workers (0: every core)")
+    parser.add_argument("--png-level", type=int, help="zlib level of overlay PNGs")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_section(ScoreParams, "score", ROOT / "params.yaml")
-    stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
+    if args.workers is not None:
+        params = params.model_copy(update={"workers": args.workers})
+    stems = _stems(args.split)
+    workers = batch.scoring_workers(params, len(stems))
+    if args.png_level is not None:
+        if workers > 1:  # a module constant: worker processes would not see it
+            parser.error("--png-level needs --workers 1")
+        batch.PNG_COMPRESS_LEVEL = args.png_level
     with tempfile.TemporaryDirectory(prefix="cellpipe-bench-") as folder:
         inbox, out = Path(folder) / "inbox", Path(folder) / "results"
         inbox.mkdir()
@@ -60,11 +76,15 @@ def main() -> None:
             server.stop()
         summaries = [json.loads(p.read_text()) for p in (out / "slides").glob("*/summary.json")]
         errors = count_errors(compare_with_voc(out, BCCD / "Annotations", model))
-    write_tables(summaries, errors, wall, report, args)
+    write_tables(summaries, errors, wall, report, args, workers)
+
+
+def _stems(split: str) -> list[str]:
+    return (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
 
 
 def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, report: dict,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, workers: int) -> None:
     cells = sum(s["objects"] for s in summaries)
     phase_seconds = {phase: sum(s["timings"].get(phase, 0.0) for s in summaries)
                      for phase in PHASES}
@@ -72,6 +92,7 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
     machine = f"{_cpu_name()}, {_cores()} cores"
     result = {
         "machine": machine, "protocol": args.protocol, "split": args.split,
+        "workers": workers, "png_level": batch.PNG_COMPRESS_LEVEL,
         "slides": len(summaries), "quarantined": report["totals"]["quarantined"],
         "cells": cells, "wall_s": round(wall, 2),
         "slides_per_s": round(len(summaries) / wall, 3), "cells_per_s": round(cells / wall, 1),
@@ -80,11 +101,14 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
         "counts": errors.to_dict(orient="records"),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "slides.json").write_text(json.dumps(result, indent=2))
+    name = f"slides_{args.tag}" if args.tag else "slides"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     shares = " · ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
     lines = [
         f"BCCD {args.split} slides ({len(summaries)} of 640×480), cells mode, Triton "
-        f"{args.protocol} on 127.0.0.1; {machine}.",
+        f"{args.protocol} on 127.0.0.1; {machine}; {workers} scoring process(es), "
+        f"overlay PNG zlib level {batch.PNG_COMPRESS_LEVEL}. Phase shares are summed over "
+        "processes, so with several they can add up to more than 100%.",
         "",
         "| slides/s | cells/s | cells | wall | time share |",
         "|---|---|---|---|---|",
@@ -97,7 +121,7 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
     for row in errors.itertuples(index=False):
         lines.append(f"| {row[0]} | {row.annotated_mean:.2f} | {row.mae:.2f} | {row.bias:+.2f} "
                      f"| {row.exact_share:.1%} |")
-    (RESULTS / "slides.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

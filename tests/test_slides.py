@@ -158,6 +158,19 @@ def test_score_slide_counts_cells_and_draws_an_overlay(tmp_path: Path) -> None:
         set(result.objects.columns)
 
 
+def test_without_overlays_a_result_has_no_pictures_and_the_same_objects(tmp_path: Path) -> None:
+    inbox = smear_inbox(tmp_path, 2)
+    plain = PARAMS.model_copy(update={"overlay": False})
+    score_inbox(str(inbox), tmp_path / "with", ColourRuleClassifier(), PARAMS, MODEL)
+    score_inbox(str(inbox), tmp_path / "without", ColourRuleClassifier(), plain, MODEL)
+    for folder in (tmp_path / "without" / "slides").iterdir():
+        assert not list(folder.glob("overlay*")), folder
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(folder / "objects.parquet"),
+            pd.read_parquet(tmp_path / "with" / "slides" / folder.name / "objects.parquet"))
+    assert (tmp_path / "without" / "report.html").is_file()
+
+
 def test_windows_count_each_cell_once(tmp_path: Path) -> None:
     image, _ = smear((600, 400), seed=5, red=30, white=2)
     Image.fromarray(image).save(tmp_path / "smear.png")

@@ -51,8 +51,8 @@ score_inbox({inbox!r}, Path({out!r}), ColourRuleClassifier(delay_s={delay!r}), p
 
 def score_params(workers: int = 1) -> ScoreParams:
     """Scoring params of every run here; ``workers`` where scoring has that param."""
-    params = {"cells": {"cell_diameter": 40}}
-    if workers > 1:
+    params: dict[str, object] = {"cells": {"cell_diameter": 40}}
+    if parallel_scoring():  # explicit: the default is every core
         params["workers"] = workers
     return ScoreParams.model_validate(params)
 

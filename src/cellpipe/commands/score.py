@@ -29,6 +29,8 @@ def score(args: argparse.Namespace) -> int:
     params = load_section(ScoreParams, "score", args.params)
     if args.mode:
         params = params.model_copy(update={"mode": args.mode})
+    if args.workers is not None:
+        params = params.model_copy(update={"workers": args.workers})
     with TritonClassifier(server_url(args, args.protocol), protocol=args.protocol,
                           model_name=model_name(args), timeout_s=params.request_timeout_s,
                           retries=params.retries) as client:
@@ -84,6 +86,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help="params file (default: %(default)s)")
     command.add_argument("--mode", choices=("cells", "tiles"), help="override score.mode")
     command.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    command.add_argument("--workers", type=int, metavar="N",
+                         help="processes scoring slides at once; 0: every core, 1: one "
+                              "process (default: score.workers)")
     add_server_options(command)
     command.add_argument("--state-dir", type=Path, default=None,
                          help="where `cellpipe triton start` keeps the local server's state")

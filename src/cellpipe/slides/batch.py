@@ -56,9 +56,10 @@ from cellpipe.fsutil import (
     outside,
     write_json,
 )
+from cellpipe.parallel import default_workers
 from cellpipe.redact import redact_text, redact_url
 from cellpipe.slides.annotations import GEOJSON_FILE, write_objects_geojson
-from cellpipe.slides.readers import SLIDE_SUFFIXES, SlideUnreadable, open_slide
+from cellpipe.slides.readers import SlideUnreadable, open_slide, slide_backend
 from cellpipe.slides.report import save_thumbnail, thumbnail_path, write_report_page
 from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
 
@@ -74,6 +75,12 @@ T = TypeVar("T")
 _MAX_NAME = 120
 # Errors writing a result that come from the slide's own name, not from the disk.
 _NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
+# zlib level of overlay PNGs: 1 writes a BCCD overlay ~4x faster than Pillow's 6, for a
+# file ~20% larger, and stays lossless (bench/writing.py, bench/results/writing.md).
+PNG_COMPRESS_LEVEL = 1
+# A worker process takes a second or two to start (imports): below this many inbox files
+# per worker it costs more than it saves, and the batch stays in this process.
+_MIN_SLIDES_PER_WORKER = 4
 
 
 class ScoringStopped(CellpipeError):
@@ -285,10 +292,9 @@ def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path
                      classifier: ImageClassifier, params: ScoreParams,
                      model: ModelKey) -> SlideOutcome:
     with local_copy(fs, slide) as path:
-        if path.suffix.lower() not in SLIDE_SUFFIXES:
-            raise SlideUnreadable(f"unsupported slide format '{path.suffix or path.name}'")
         if path.exists() and not path.is_file():  # a FIFO would block the hash for ever
             raise SlideUnreadable("not a regular file (a folder, FIFO, socket or device)")
+        slide_backend(path)  # an unsupported format is refused before it is hashed
         sha256 = file_sha256(path)
         name = result_name(slide, sha256, model)
         target = out / "slides" / name
@@ -349,7 +355,7 @@ def write_result(target: Path, result: SlideResult, summary: dict) -> None:
         result.objects.to_parquet(folder / "objects.parquet", index=False)
         write_objects_geojson(folder / GEOJSON_FILE, result.objects, tuple(result.counts))
         for name, overlay in result.overlays.items():
-            overlay.save(folder / f"{name}.png")
+            overlay.save(folder / f"{name}.png", compress_level=PNG_COMPRESS_LEVEL)
             save_thumbnail(overlay, thumbnail_path(folder / f"{name}.png"))
         summary["timings"]["write"] = round(time.perf_counter() - started, 4)
         write_json(folder / "summary.json", summary)
@@ -413,14 +419,32 @@ def score_inbox(inbox: str, out: Path, classifier: ImageClassifier, params: Scor
     fs, slides = list_inbox(inbox, links_out=params.follow_links_out)
     log.info("%d files in %s; results in %s (model %s)", len(slides), redact_url(inbox), out,
              model.tag)
-    outcomes = []
+    outcomes: list[SlideOutcome] = []
+    workers = scoring_workers(params, len(slides))
     try:
-        for slide in tqdm(slides, desc="score slides", unit="slide"):
-            outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
+        if workers > 1:
+            # Imported here: the worker module builds on this one.
+            from cellpipe.slides.workers import score_in_workers
+
+            log.info("scoring in %d worker processes", workers)
+            score_in_workers(fs, slides, out, classifier, params, model, workers=workers,
+                             outcomes=outcomes)
+        else:
+            for slide in tqdm(slides, desc="score slides", unit="slide"):
+                outcomes.append(score_and_write(fs, slide, out, classifier, params, model))
     except ScoringStopped as error:
         _report_stopped_run(out, inbox, model, outcomes, started, error, model_card)
         raise
     return write_run_report(out, inbox, model, outcomes, started, model_card=model_card)
+
+
+def scoring_workers(params: ScoreParams, slides: int) -> int:
+    """Processes to score ``slides`` inbox files with: ``score.workers`` (None or 0: every
+    core), and 1 (this process) when there are too few files to repay starting workers."""
+    workers = params.workers or default_workers()
+    if slides < _MIN_SLIDES_PER_WORKER * workers:
+        workers = slides // _MIN_SLIDES_PER_WORKER
+    return max(1, workers)
 
 
 def _report_stopped_run(out: Path, inbox: str, model: ModelKey, outcomes: list[SlideOutcome],

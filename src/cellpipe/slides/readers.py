@@ -17,6 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tifffile
@@ -39,8 +40,11 @@ from cellpipe.errors import CellpipeError
 
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+# Suffixes of whole-slide formats: a file named so goes to OpenSlide, which says why it
+# cannot read it. Any file OpenSlide recognises goes to it anyway, named as it may be
+# (DICOM .dcm, Zeiss .czi, a renamed .svs…): the suffix only words the refusal.
 OPENSLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                                ".svslide", ".tif", ".tiff"})
+                                ".svslide", ".dcm", ".czi", ".tif", ".tiff"})
 SLIDE_SUFFIXES = PILLOW_SUFFIXES | TIFF_SUFFIXES | OPENSLIDE_SUFFIXES
 
 
@@ -239,33 +243,55 @@ class OpenSlideSlide(SlideReader):
         self._slide.close()
 
 
+Backend = Literal["openslide", "tiff", "pillow"]
+
+
 def open_slide(path: Path, *, scaling: BitDepthScaling = "percentile",
                limits: ImageLimits | None = None) -> SlideReader:
-    """The reader for ``path``, chosen by its content, not its suffix.
-
-    A TIFF that OpenSlide recognises as a vendor format (Aperio, Philips, Ventana…) goes to
-    OpenSlide; other TIFFs to tifffile, which also reads 16-bit and multi-page; other
-    vendor formats (.svs, .ndpi, .mrxs…) to OpenSlide; and the rest to Pillow, which
-    applies the image rules of :mod:`cellpipe.data.imageio` (so a JPEG named ``.tif`` is
-    read as the JPEG it is, and a GIF named ``.png`` is refused).
-    """
-    suffix = path.suffix.lower()
-    if suffix not in SLIDE_SUFFIXES:
-        raise SlideUnreadable(f"unsupported slide format '{suffix or path.name}' "
-                              f"(supported: {', '.join(sorted(SLIDE_SUFFIXES))})")
-    if not path.is_file():
-        raise SlideUnreadable(f"no such file: {path}")
-    if is_tiff(path):
-        if _openslide_vendor(path) in (None, "generic-tiff"):
-            return TiffSlide(path, scaling=scaling, limits=limits)
+    """The reader for ``path``, chosen by its content (see :func:`slide_backend`)."""
+    backend = slide_backend(path)
+    if backend == "openslide":
         return OpenSlideSlide(path)
-    if suffix in OPENSLIDE_SUFFIXES - TIFF_SUFFIXES:
-        return OpenSlideSlide(path)
+    if backend == "tiff":
+        return TiffSlide(path, scaling=scaling, limits=limits)
     return PillowSlide(path, scaling=scaling, limits=limits)
 
 
+def slide_backend(path: Path) -> Backend:
+    """Which reader takes ``path``, asking OpenSlide first, whatever the file's suffix.
+
+    * Whatever OpenSlide recognises as a whole-slide format (Aperio, DICOM, Hamamatsu,
+      MIRAX, Philips, Zeiss…: ``OpenSlide.detect_format``) goes to OpenSlide, so every
+      format of the installed OpenSlide is read, named as it may be.
+    * Other TIFFs go to tifffile, which also reads 16-bit, float and multi-page pages.
+    * Files named as a whole-slide format that OpenSlide does not recognise go to it too,
+      so the refusal says why (``OpenSlide cannot open it``).
+    * Camera images (PNG, JPEG, BMP by their suffix) go to Pillow, which applies the image
+      rules of :mod:`cellpipe.data.imageio` (so a JPEG named ``.tif`` is read as the JPEG it
+      is, and a GIF named ``.png`` is refused).
+
+    Anything else raises :class:`SlideUnreadable` ("unsupported slide format").
+    """
+    if not path.is_file():  # before any read: a FIFO would block OpenSlide and the rest
+        raise SlideUnreadable(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    vendor = _openslide_vendor(path)
+    if vendor not in (None, "generic-tiff"):
+        return "openslide"
+    if is_tiff(path) and (vendor == "generic-tiff" or suffix in SLIDE_SUFFIXES):
+        return "tiff"
+    if suffix in OPENSLIDE_SUFFIXES - TIFF_SUFFIXES:
+        return "openslide"
+    if suffix in PILLOW_SUFFIXES | TIFF_SUFFIXES:
+        return "pillow"
+    raise SlideUnreadable(f"unsupported slide format '{suffix or path.name}' (neither "
+                          f"OpenSlide nor tifffile reads it, and camera images need one of "
+                          f"{', '.join(sorted(PILLOW_SUFFIXES))})")
+
+
 def _openslide_vendor(path: Path) -> str | None:
-    import openslide
+    """OpenSlide's name for the file's format (``aperio``, ``dicom``…), None if unknown."""
+    import openslide  # imported here: loading the C library is only needed for WSIs
 
     try:
         return openslide.OpenSlide.detect_format(str(path))

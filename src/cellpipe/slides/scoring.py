@@ -62,6 +62,8 @@ class ScoreParams(StageParams):
                                description="unstained objects this much inside a nucleated "
                                            "cell's box are part of it")
     window: int = Field(4096, ge=256, description="cells mode reads the slide in windows this big")
+    overlay: bool = Field(True, description="draw overlay.png (and its thumbnail for "
+                                            "report.html); false saves the time")
     overlay_size: int = Field(2048, ge=64, description="longest side of the overlay PNG")
     # A frozen server holds a batch for at most (retries + 1) × timeout + backoff (~47 s).
     request_timeout_s: float = Field(15.0, gt=0, description="seconds one Triton request may "
@@ -70,6 +72,9 @@ class ScoreParams(StageParams):
                                               "batch stops (the slide stays pending)")
     follow_links_out: bool = Field(False, description="score symbolic links that resolve "
                                                       "outside the inbox (refused by default)")
+    workers: int | None = Field(None, ge=0, description="processes scoring slides at once "
+                                                        "(None or 0: every core; 1: in this "
+                                                        "process)")
 
     @model_validator(mode="before")
     @classmethod
@@ -123,11 +128,13 @@ def score_slide(reader: SlideReader, classifier: ImageClassifier,
         else:
             frames.append(_score_tiles(reader, page, classifier, params, timer))
     objects = _objects_table(frames, classifier)
-    with timer.phase("overlay"):
-        overlays = {(f"overlay_p{page}" if page else "overlay"):
-                    draw_overlay(reader, objects[objects["page"] == page], page, params,
-                                 classifier.contract.class_names)
-                    for page in range(reader.pages)}
+    overlays = {}
+    if params.overlay:
+        with timer.phase("overlay"):
+            overlays = {(f"overlay_p{page}" if page else "overlay"):
+                        draw_overlay(reader, objects[objects["page"] == page], page, params,
+                                     classifier.contract.class_names)
+                        for page in range(reader.pages)}
     names = classifier.contract.class_names
     counts = {name: int((objects["class"] == name).sum()) for name in names}
     return SlideResult(objects, counts, timer.seconds, overlays)
