@@ -11,7 +11,7 @@ from PIL import Image
 
 from cellpipe.engine.loop import Device
 from cellpipe.gan import fit as gan_fit
-from cellpipe.gan.augment import DiffAugment
+from cellpipe.gan.diffaugment import DiffAugment
 from cellpipe.gan.fit import GanData, GanParams, fit_gan, generate
 from cellpipe.gan.losses import discriminator_loss, generator_loss, gradient_penalty
 from cellpipe.gan.nets import RESOLUTIONS, Discriminator, Generator
