@@ -36,8 +36,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 import fsspec
@@ -50,7 +50,6 @@ from cellpipe.errors import CellpipeError
 from cellpipe.fsutil import (
     atomic_dir,
     atomic_path,
-    file_sha256,
     is_hidden,
     is_utf8,
     outside,
@@ -59,6 +58,7 @@ from cellpipe.fsutil import (
 from cellpipe.parallel import default_workers
 from cellpipe.redact import redact_text, redact_url
 from cellpipe.slides.annotations import GEOJSON_FILE, write_objects_geojson
+from cellpipe.slides.dicom import dicom_series, slide_sha256
 from cellpipe.slides.readers import SlideUnreadable, open_slide, slide_backend
 from cellpipe.slides.report import save_thumbnail, thumbnail_path, write_report_page
 from cellpipe.slides.scoring import ImageClassifier, ScoreParams, SlideResult, score_slide
@@ -98,12 +98,18 @@ class ResultsDiskFailed(ScoringStopped):
 @dataclass(frozen=True)
 class InboxSlide:
     """A file in the inbox: its fsspec path, its name relative to the inbox, and why it is
-    refused without being read (a link out of the inbox…) or ignored (a hidden file)."""
+    refused without being read (a link out of the inbox…) or ignored (a hidden file).
+
+    A slide of several files (a DICOM series: :mod:`cellpipe.slides.dicom`) is the file it
+    is opened from, which names it, and ``companions``: the fsspec paths of its other files,
+    in the same folder, which travel with it.
+    """
 
     path: str
     name: str
     refused: str | None = None
     ignored: str | None = None
+    companions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,8 @@ def list_inbox(inbox: str, *, links_out: bool = False,
 
     Files of any suffix are listed, so an unsupported one is quarantined with a reason
     rather than silently ignored. Hidden files, and symbolic links that resolve outside
-    the inbox (unless ``links_out``), are listed as refused, with the reason.
+    the inbox (unless ``links_out``), are listed as refused, with the reason. The files of
+    one DICOM series in one folder are one slide (:func:`_group_dicom_series`).
     """
     try:
         fs, root = inbox_filesystem(inbox)
@@ -158,7 +165,17 @@ def list_inbox(inbox: str, *, links_out: bool = False,
                    or (None if links_out or not local else _link_out_of(Path(root), Path(path)))
                    or (None if not local else _not_regular(Path(path))))
         slides.append(InboxSlide(path, name, refused, ignored=_hidden(name)))
-    return fs, slides
+    return fs, _group_dicom_series(fs, slides)
+
+
+def _group_dicom_series(fs: fsspec.AbstractFileSystem,
+                        slides: list[InboxSlide]) -> list[InboxSlide]:
+    """Each multi-file DICOM slide as its opening file with the others as its companions
+    (no longer listed themselves); a refused or ignored file is never grouped."""
+    groups = dicom_series(fs, [s.path for s in slides if not (s.refused or s.ignored)])
+    grouped = {path for others in groups.values() for path in others}
+    return [replace(slide, companions=groups.get(slide.path, ()))
+            for slide in slides if slide.path not in grouped]
 
 
 def _undecodable(name: str) -> str | None:
@@ -203,14 +220,22 @@ def _is_companion(name: str) -> bool:
 @contextmanager
 def local_copy(fs: fsspec.AbstractFileSystem, slide: InboxSlide) -> Iterator[Path]:
     """A local path to the slide: itself on a local disk, else a temporary download
-    (OpenSlide and tifffile need real files)."""
+    (OpenSlide and tifffile need real files). Its companions lie beside it, where
+    :func:`companion_paths` finds them (OpenSlide looks for them in the same folder)."""
     if "file" in _protocols(fs):
         yield Path(slide.path)
         return
     with tempfile.TemporaryDirectory(prefix="cellpipe-slide-") as folder:
         target = Path(folder) / Path(slide.name).name
         fs.get(slide.path, str(target))
+        for other in slide.companions:
+            fs.get(other, str(Path(folder) / PurePosixPath(other).name))
         yield target
+
+
+def companion_paths(path: Path, slide: InboxSlide) -> list[Path]:
+    """The local paths of ``slide``'s other files, beside its local copy ``path``."""
+    return [path.parent / PurePosixPath(other).name for other in slide.companions]
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -295,7 +320,7 @@ def _score_and_write(fs: fsspec.AbstractFileSystem, slide: InboxSlide, out: Path
         if path.exists() and not path.is_file():  # a FIFO would block the hash for ever
             raise SlideUnreadable("not a regular file (a folder, FIFO, socket or device)")
         slide_backend(path)  # an unsupported format is refused before it is hashed
-        sha256 = file_sha256(path)
+        sha256 = slide_sha256(path, companion_paths(path, slide))
         name = result_name(slide, sha256, model)
         target = out / "slides" / name
         done = _existing_result(out, slide, sha256, model)
