@@ -8,6 +8,7 @@ here through the workers; SIGKILL of a parallel batch is in reliability/test_kil
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from cellpipe.slides.batch import ModelKey, ServerFailed, score_inbox, scoring_workers
 from cellpipe.slides.scoring import ScoreParams
+from cellpipe.slides.workers import _Batcher, _Request
 from slide_fixtures import ColourRuleClassifier, smear_inbox
 
 MODEL = ModelKey("colour_rules", "1")
@@ -87,6 +89,26 @@ def test_a_server_failure_stops_the_workers_and_a_rerun_completes(tmp_path: Path
     score_inbox(str(inbox), out, ColourRuleClassifier(), _params(2), MODEL)
     score_inbox(str(inbox), tmp_path / "clean", ColourRuleClassifier(), _params(1), MODEL)
     assert slide_results(out) == slide_results(tmp_path / "clean")
+
+
+def test_requests_waiting_together_are_classified_in_one_call() -> None:
+    """Crops of several slides that wait at once go to the server as one request, and each
+    worker gets back exactly its own rows."""
+    requests: queue.Queue = queue.Queue()
+    responses = [queue.Queue() for _ in range(3)]
+    classifier = _CountingClassifier()
+    rng = np.random.default_rng(0)
+    sent = {slot: rng.integers(0, 256, (slot + 2, 16, 16, 3), dtype=np.uint8) for slot in range(3)}
+    for slot, images in sent.items():  # all waiting before the batcher looks
+        requests.put(_Request(slot, images))
+    with _Batcher(classifier, requests, responses).running():
+        answers = {slot: responses[slot].get(timeout=30) for slot in sent}
+    assert classifier.requests == [2 + 3 + 4]
+    for slot, images in sent.items():
+        ok, probabilities = answers[slot]
+        assert ok
+        np.testing.assert_array_equal(probabilities,
+                                      ColourRuleClassifier().classify_images(images))
 
 
 def test_workers_default_to_every_core_and_small_inboxes_stay_in_process(

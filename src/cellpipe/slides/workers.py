@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 # Slides queued per worker beyond the one it scores: enough that no worker waits for the
 # next slide, few enough that a stopped batch has little to cancel.
 _QUEUED_PER_WORKER = 1
-# How long the batcher waits for more workers' crops before it sends what it has.
-_GATHER_S = 0.02
 # The most crops sent to the classifier at once (the Triton client splits them further).
 _MAX_BATCH = 1024
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -124,7 +122,6 @@ def _run_pool(pool: ProcessPoolExecutor, fs: fsspec.AbstractFileSystem,
     with tqdm(total=len(slides), desc="score slides", unit="slide") as bar:
         try:
             while running:
-                batcher.busy_workers = min(workers, len(running))
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     index = running.pop(future)
@@ -166,18 +163,17 @@ def _forward_logs(records: multiprocessing.Queue) -> Iterator[None]:
 class _Batcher:
     """Classifies the crops workers send, gathered across workers into large batches.
 
-    After the first request it waits up to ``_GATHER_S`` for the other busy workers'
-    requests (no longer once every busy worker is waiting), then classifies them in one
-    call and sends each worker its rows. Once the classifier fails, every request gets
-    that failure at once: the batch is stopping, and retrying the server would only
-    delay it.
+    Each call takes every request waiting at that moment (those that arrived while the
+    previous call ran), classifies them together and sends each worker its rows: as
+    Triton's dynamic batcher, it never waits for a batch to fill, so no worker idles for
+    the sake of a bigger request. Once the classifier fails, every request gets that
+    failure at once: the batch is stopping, and retrying the server would only delay it.
     """
 
     def __init__(self, classifier: ImageClassifier, requests: multiprocessing.Queue,
                  responses: list[multiprocessing.Queue]) -> None:
         self._classifier, self._requests, self._responses = classifier, requests, responses
         self._failure: str | None = None
-        self.busy_workers = len(responses)  # updated by the pool loop
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -200,9 +196,9 @@ class _Batcher:
             return None
         batch = [first]
         size = len(first.images)
-        while len(batch) < self.busy_workers and size < _MAX_BATCH:
+        while size < _MAX_BATCH:
             try:
-                request = self._requests.get(timeout=_GATHER_S)
+                request = self._requests.get_nowait()
             except queue.Empty:
                 break
             if request is None:  # stop after answering what is here
