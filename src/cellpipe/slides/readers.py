@@ -13,6 +13,7 @@ per page, taken from the page's overview, so every region of a slide is scaled a
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -137,7 +138,20 @@ MAX_SLIDE_PIXELS = 10**11
 
 
 class TiffSlide(SlideReader):
-    """TIFF through tifffile; regions read lazily through its zarr store."""
+    """TIFF through tifffile; regions read lazily through its zarr store, or, for the
+    JPEG-tiled 8-bit pages of whole-slide scans, straight from the file's tiles.
+
+    Safe to read from several threads at once: file reads hold the file handle's lock
+    (tifffile's own, which its zarr store takes too), decoding runs outside it, and the
+    decoded-tile cache is an ``lru_cache`` (a tile two threads miss at once is decoded
+    twice, the same pixels).
+    """
+
+    # Decoded JPEG tiles kept for the next regions: a 224 px grid over 256 px file tiles
+    # touches ~3.5 file tiles per region, so without the cache each is decoded 3-4 times.
+    # 64 MB holds two rows of 256 px RGB tiles across a 43,000 px wide slide, and stays
+    # 64 MB whatever the slide's size.
+    TILE_CACHE_BYTES = 64 * 2**20
 
     def __init__(self, path: Path, *, scaling: BitDepthScaling = "percentile",
                  limits: ImageLimits | None = None) -> None:
@@ -156,17 +170,34 @@ class TiffSlide(SlideReader):
                 self._levels = [_Plane(store[str(index)], level.axes.startswith("S"))
                                 for index, level in enumerate(series.levels)]
                 self._pages = [self._levels[0]]
+                planes = self._levels
+                tiff_pages = [None if series.transform else level.keyframe
+                              for level in series.levels]
             else:  # every full-resolution page is a field of its own
+                tiff_pages = usable_tiff_pages(self._tif)
                 self._pages = [_Plane(zarr.open(page.aszarr(), mode="r"),
                                       page.axes.startswith("S"))
-                               for page in usable_tiff_pages(self._tif)]
+                               for page in tiff_pages]
                 self._levels = self._pages[:1]
+                planes = self._pages
+            # Per level (pyramid) or page: the TIFF page whose regions are cut from its own
+            # JPEG tiles, or None to read through zarr.
+            self._jpeg_tiled = [self._jpeg_tiled_page(page, plane)
+                                for page, plane in zip(tiff_pages, planes, strict=True)]
         except SlideUnreadable:
             raise
         except Exception as error:  # tifffile raises many types for broken headers
             raise SlideUnreadable(f"not a readable TIFF: {type(error).__name__}: {error}") \
                 from error
+        # Several threads may first ask for a page's range at once: each computes the same
+        # value, so the dict needs no lock.
         self._value_ranges: dict[int, tuple[float, float]] = {}
+        # tifffile's zarr store sets this lock too; the tile path must hold the same one.
+        self._tif.filehandle.set_lock(True)
+        tile_bytes = max((page.tilewidth * page.tilelength * page.samplesperpixel
+                          for page in self._jpeg_tiled if page is not None), default=1)
+        self._tile = functools.lru_cache(maxsize=max(16, self.TILE_CACHE_BYTES // tile_bytes))(
+            self._decode_tile)
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -179,10 +210,13 @@ class TiffSlide(SlideReader):
     def read_region(self, box: Box, *, level: int = 0, page: int = 0) -> np.ndarray:
         _check_index("page", page, self.pages)
         _check_index("level", level, len(self._levels))
-        plane = self._levels[level] if self.pages == 1 else self._pages[page]
+        index = level if self.pages == 1 else page
+        plane = self._levels[index] if self.pages == 1 else self._pages[index]
         array = plane.array
         try:
-            if plane.planar:
+            if self._jpeg_tiled[index] is not None:
+                raw = self._read_tiles(index, box)
+            elif plane.planar:
                 raw = np.moveaxis(array[:, box.y0:box.y1, box.x0:box.x1], 0, -1)
             else:
                 raw = array[box.y0:box.y1, box.x0:box.x1]
@@ -195,7 +229,61 @@ class TiffSlide(SlideReader):
         return to_rgb_uint8(raw, value_range=self._value_range(page))
 
     def close(self) -> None:
+        self._tile.cache_clear()
         self._tif.close()
+
+    def _read_tiles(self, index: int, box: Box) -> np.ndarray:
+        """``box`` of a JPEG-tiled page, pasted from its (cached) decoded tiles.
+
+        The same pixels as its zarr store gives (both decode each tile whole with
+        imagecodecs), without zarr's event loop: that runs every decode of every thread
+        on its one thread (tifffile decodes in line there below three cores), so reading
+        through zarr from several threads used one core.
+        """
+        page = self._jpeg_tiled[index]
+        width, height = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // width)
+        out = np.empty((box.height, box.width, page.samplesperpixel), np.uint8)
+        for row in range(box.y0 // height, (box.y1 - 1) // height + 1):
+            for column in range(box.x0 // width, (box.x1 - 1) // width + 1):
+                tile = self._tile(index, row * across + column)
+                x0, y0 = max(box.x0, column * width), max(box.y0, row * height)
+                x1, y1 = min(box.x1, (column + 1) * width), min(box.y1, (row + 1) * height)
+                out[y0 - box.y0:y1 - box.y0, x0 - box.x0:x1 - box.x0] = \
+                    tile[y0 - row * height:y1 - row * height,
+                         x0 - column * width:x1 - column * width]
+        return out
+
+    def _decode_tile(self, index: int, chunk: int) -> np.ndarray:
+        """File tile ``chunk`` of page ``index``, decoded (H×W×S); zeros where none was
+        written, as zarr fills it."""
+        page = self._jpeg_tiled[index]
+        offset, count = page.dataoffsets[chunk], page.databytecounts[chunk]
+        if not offset or not count:
+            return np.zeros((page.tilelength, page.tilewidth, page.samplesperpixel), np.uint8)
+        handle = self._tif.filehandle
+        with handle.lock:  # one seek-and-read at a time on the shared handle
+            handle.seek(offset)
+            data = handle.read(count)
+        # imagecodecs decodes with the GIL released: other threads decode meanwhile.
+        decoded = page.decode(data, chunk, jpegtables=page.jpegtables,
+                              jpegheader=page.jpegheader, _fullsize=True)[0]
+        tile = decoded.reshape(page.tilelength, page.tilewidth, page.samplesperpixel)
+        tile.flags.writeable = False  # shared by every region that touches it
+        return tile
+
+    @staticmethod
+    def _jpeg_tiled_page(page: tifffile.TiffPage | None, plane: _Plane) -> tifffile.TiffPage | None:
+        """``page`` if its regions can be cut from its own tiles: 8-bit JPEG tiles of
+        interleaved samples, one plane deep, the same array zarr shows (else None)."""
+        if page is None or not page.is_tiled or plane.planar:
+            return None
+        if (page.compression != tifffile.COMPRESSION.JPEG or page.dtype != np.uint8
+                or page.imagedepth != 1 or page.tiledepth != 1
+                or page.planarconfig != tifffile.PLANARCONFIG.CONTIG):
+            return None
+        shape = (page.imagelength, page.imagewidth, page.samplesperpixel)
+        return page if tuple(plane.array.shape) == shape else None
 
     def _value_range(self, page: int) -> tuple[float, float]:
         """One 8-bit scaling per page, from a strided sample of the coarsest level."""
@@ -210,7 +298,12 @@ class TiffSlide(SlideReader):
 
 
 class OpenSlideSlide(SlideReader):
-    """Whole-slide images in vendor formats, through OpenSlide."""
+    """Whole-slide images in vendor formats, through OpenSlide.
+
+    Safe to read from several threads at once with one handle: the OpenSlide library
+    documents its handles as thread-safe (it locks its own tile cache), and
+    openslide-python calls it through ctypes, which releases the GIL for the call.
+    """
 
     def __init__(self, path: Path) -> None:
         import openslide  # imported here: loading the C library is only needed for WSIs

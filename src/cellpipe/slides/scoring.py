@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
+from tqdm import tqdm
 
 from cellpipe.contract import ModelContract, fit_to_contract
 from cellpipe.data.geometry import Box, cut
 from cellpipe.params import StageParams
 from cellpipe.slides.cells import CellFinderParams, FoundCell, find_cells
 from cellpipe.slides.readers import SlideReader
-from cellpipe.slides.tiles import TileParams, tissue_tiles
+from cellpipe.slides.tiles import TileParams, prefetch_ordered, tissue_tiles
 
 # Distinct colours for classes in overlays (tab10), cycled past ten classes.
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
@@ -253,18 +254,44 @@ def _overlap(a: Box, b: Box) -> float:
 
 def _score_tiles(reader: SlideReader, page: int, classifier: ImageClassifier,
                  params: ScoreParams, timer: _Timer, batch: int = 64) -> pd.DataFrame:
+    """Classify the page's tissue tiles batch by batch, the next batches decoded meanwhile.
+
+    ``timings["read"]`` sums the seconds the reading threads spent (with several, more than
+    the wall time it overlaps); ``timings["read_wait"]`` is the time classification stood
+    waiting for tiles, which is what reading still costs the slide.
+    """
     contract = classifier.contract
     with timer.phase("find"):
         tiles = tissue_tiles(reader, params.tiles, page=page)
+    level = params.tiles.level
+
+    def read(batch_tiles: list[Box]) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        images = np.stack([fit_to_contract(reader.read_region(tile, level=level, page=page),
+                                           contract) for tile in batch_tiles])
+        return images, time.perf_counter() - started
+
+    workers = params.tiles.decode_threads
+    batches = [tiles[start:start + batch] for start in range(0, len(tiles), batch)]
     probabilities = []
-    for start in range(0, len(tiles), batch):
-        with timer.phase("read"):
-            images = np.stack([fit_to_contract(reader.read_region(tile, level=params.tiles.level,
-                                                                  page=page), contract)
-                               for tile in tiles[start:start + batch]])
-        with timer.phase("infer"):
-            probabilities.append(classifier.classify_images(images))
-    scale = reader.downsample(params.tiles.level)
+    # Two batches per thread: one being decoded, one ready when the model asks for it.
+    # More would only hold memory, since inference then waits on nothing.
+    decoded = prefetch_ordered(read, batches, workers=workers, ahead=2 * workers)
+    slide = getattr(reader, "path", None)
+    bar = tqdm(total=len(tiles), desc=f"{slide.name if slide else 'slide'} p{page} tiles",
+               unit="tile", disable=None, leave=False, dynamic_ncols=True)
+    # closing(): when inference fails, the threads stop reading before the error goes on.
+    with bar, closing(decoded):
+        while True:
+            with timer.phase("read_wait"):
+                images, seconds = next(decoded, (None, 0.0))
+            if images is None:
+                break
+            timer.seconds["read"] += seconds
+            with timer.phase("infer"):
+                probabilities.append(classifier.classify_images(images))
+            bar.update(len(images))
+    scale = reader.downsample(level)
     level0 = [Box(round(t.x0 * scale), round(t.y0 * scale), round(t.x1 * scale),
                   round(t.y1 * scale)) for t in tiles]
     scores = np.concatenate(probabilities) if probabilities else \
@@ -277,30 +304,39 @@ def _score_tiles(reader: SlideReader, page: int, classifier: ImageClassifier,
 
 def _frame(boxes: list[Box], probabilities: np.ndarray, page: int, contract: ModelContract,
            labels: np.ndarray | None = None) -> pd.DataFrame:
+    """One page's objects: box, class, confidence and every class's probability."""
     names = contract.class_names
+    probabilities = np.asarray(probabilities, np.float32).reshape(len(boxes), len(names))
     if labels is None:
-        labels = probabilities.argmax(1) if len(probabilities) else np.zeros(0, int)
-    frame = pd.DataFrame({
+        labels = probabilities.argmax(1)
+    corners = np.array([(b.x0, b.y0, b.x1, b.y1) for b in boxes], np.int64).reshape(-1, 4)
+    # Built from whole columns at once: a slide has few objects, so pandas' per-call cost,
+    # not the data, is what a column-by-column frame would spend its time on.
+    columns = {
         "page": np.full(len(boxes), page, np.int32),
-        "x0": [b.x0 for b in boxes], "y0": [b.y0 for b in boxes],
-        "x1": [b.x1 for b in boxes], "y1": [b.y1 for b in boxes],
+        "x0": corners[:, 0], "y0": corners[:, 1], "x1": corners[:, 2], "y1": corners[:, 3],
         "class": pd.Series([names[i] for i in labels], dtype=object),
-        "confidence": probabilities[np.arange(len(labels)), labels] if len(labels) else [],
-    })
-    for index, name in enumerate(names):
-        frame[f"p_{name}"] = probabilities[:, index] if len(probabilities) else []
-    return frame.astype({"x0": np.int64, "y0": np.int64, "x1": np.int64, "y1": np.int64,
-                         "confidence": np.float32})
+        "confidence": probabilities[np.arange(len(labels)), labels],
+        **{f"p_{name}": probabilities[:, index] for index, name in enumerate(names)},
+    }
+    return pd.DataFrame(columns)
 
 
 def _objects_table(frames: list[pd.DataFrame], classifier: ImageClassifier) -> pd.DataFrame:
-    objects = pd.concat(frames, ignore_index=True)
-    objects.insert(0, "object_id", np.arange(len(objects), dtype=np.int64))
-    objects.insert(6, "centroid_x", ((objects["x0"] + objects["x1"]) / 2).astype(np.float32))
-    objects.insert(7, "centroid_y", ((objects["y0"] + objects["y1"]) / 2).astype(np.float32))
-    objects["model_name"] = classifier.model_name
-    objects["model_version"] = str(classifier.model_version)
-    return objects
+    """Every page's objects, numbered, with their centres and the model that scored them."""
+    objects = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    corners = objects[["x0", "y0", "x1", "y1"]].to_numpy()
+    columns = {
+        "object_id": np.arange(len(objects), dtype=np.int64),
+        **{name: objects[name].to_numpy() for name in ("page", "x0", "y0", "x1", "y1")},
+        "centroid_x": ((corners[:, 0] + corners[:, 2]) / 2).astype(np.float32),
+        "centroid_y": ((corners[:, 1] + corners[:, 3]) / 2).astype(np.float32),
+        **{name: objects[name] for name in objects.columns[5:]},
+    }
+    table = pd.DataFrame(columns)
+    table["model_name"] = classifier.model_name
+    table["model_version"] = str(classifier.model_version)
+    return table
 
 
 def draw_overlay(reader: SlideReader, objects: pd.DataFrame, page: int, params: ScoreParams,

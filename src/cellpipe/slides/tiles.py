@@ -3,11 +3,19 @@
 The geometry is a validated dataclass-like params model (tile size, stride, level); the
 background is skipped with a tissue mask made once on the slide's overview (Otsu on
 saturation: stained tissue is coloured, glass is grey or white).
+
+Tiles are read in batches by a few threads ahead of the batch being classified
+(:func:`prefetch_ordered`), a bounded number at a time, so decoding overlaps inference
+and memory stays flat however large the slide is.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -15,8 +23,12 @@ from scipy import ndimage as ndi
 from skimage import color, filters
 
 from cellpipe.data.geometry import Box
+from cellpipe.parallel import default_workers
 from cellpipe.params import StageParams
 from cellpipe.slides.readers import SlideReader
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TileParams(StageParams):
@@ -29,6 +41,10 @@ class TileParams(StageParams):
     min_saturation: float = Field(0.05, ge=0, le=1,
                                   description="tissue is at least this saturated (HSV)")
     overview_size: int = Field(2048, ge=64, description="longest side of the mask's overview")
+    read_workers: int | None = Field(None, ge=0,
+                                     description="threads decoding the next batches of tiles "
+                                                 "while the model classifies one (None or 0: "
+                                                 "every core; 1: read in turn, no thread)")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> TileParams:
@@ -39,6 +55,11 @@ class TileParams(StageParams):
     @property
     def stride(self) -> int:
         return self.size - self.overlap
+
+    @property
+    def decode_threads(self) -> int:
+        """Threads reading tiles: ``read_workers``, or every core this process may use."""
+        return self.read_workers or default_workers()
 
 
 def tissue_mask(overview: np.ndarray, min_saturation: float) -> np.ndarray:
@@ -74,3 +95,34 @@ def _tissue_fraction(mask: np.ndarray, tile: Box, to_overview: float) -> float:
     y1 = max(y0 + 1, math.ceil(tile.y1 * to_overview))
     window = mask[y0:y1, x0:x1]
     return float(window.mean()) if window.size else 0.0
+
+
+def prefetch_ordered(function: Callable[[T], R], items: Iterable[T], *, workers: int,
+                     ahead: int) -> Iterator[R]:
+    """Yield ``function(item)`` for each item, in input order, computed by ``workers`` threads.
+
+    At most ``ahead`` items are submitted and not yet yielded, so at most ``ahead`` results
+    (plus the one the caller holds) sit in memory, whatever the number of items. With one
+    worker, each item is computed when asked for, in this thread, as a plain loop would.
+    A failure is raised when its item's turn comes, as the plain loop would raise it; the
+    items not yet started are then cancelled.
+    """
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    remaining = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-read") as pool:
+        pending: deque[Future[R]] = deque(pool.submit(function, item)
+                                          for _, item in zip(range(max(1, ahead)), remaining,
+                                                             strict=False))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                # Submitted before yielding: the threads read on while the caller works.
+                for item in remaining:
+                    pending.append(pool.submit(function, item))
+                    break
+                yield result
+        finally:  # the caller stopped early or a read failed: start nothing more
+            for future in pending:
+                future.cancel()
