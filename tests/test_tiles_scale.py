@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from skimage import color
 
 from cellpipe.data.geometry import Box
 from cellpipe.serving.client import TritonClassifier
 from cellpipe.serving.server import ServerInfo
 from cellpipe.slides.readers import SlideReader, TiffSlide
 from cellpipe.slides.scoring import ScoreParams, score_slide
-from cellpipe.slides.tiles import TileParams, prefetch_ordered
+from cellpipe.slides.tiles import TileParams, hsv_saturation, prefetch_ordered
 from test_serving import exported, server, trained  # noqa: F401 (module fixtures)
 
 FILE_TILE = 256  # the TIFF's own JPEG tiles: the scoring grid (224 px) does not align
@@ -207,3 +208,14 @@ def test_parallel_decoding_scores_a_pyramid_as_serial_reading_does(
     assert len(objects[1]) > 500  # ~π·0.4² of 37² tiles: the disc, not the glass
     assert set(objects[1]["class"]) == {"red", "green", "blue"}
     pd.testing.assert_frame_equal(objects[2], objects[1], check_exact=True)
+
+
+def test_tissue_saturation_equals_scikit_image() -> None:
+    """The tissue mask's saturation is rgb2hsv's, to the bit, black and grey pixels too."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    rgb[0, :8] = 0       # black: no division by zero
+    rgb[1, :8] = 128     # grey: no spread
+    assert np.array_equal(hsv_saturation(rgb), color.rgb2hsv(rgb)[..., 1])
+    as_float = rgb / 255.0
+    assert np.array_equal(hsv_saturation(as_float), color.rgb2hsv(as_float)[..., 1])
