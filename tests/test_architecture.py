@@ -19,8 +19,9 @@ from conftest import REPO
 PACKAGE = "cellpipe"
 SOURCE = REPO / "src"
 
-# The training stack, lowest first: a package never imports one to its right.
-TRAINING_LAYERS = ["engine", "gan", "methods", "stages"]
+# The training stack, lowest first: a package never imports one to its right. The recipe
+# search (tuning) calls the stages' core functions, so it sits above them.
+TRAINING_LAYERS = ["engine", "gan", "methods", "stages", "tuning"]
 
 
 def module_name(path: Path, source: Path) -> str:
@@ -111,6 +112,15 @@ def test_training_layers_import_only_downwards() -> None:
               for high in (f"{PACKAGE}.{name}" for name in TRAINING_LAYERS[i + 1:])
               if graph.has_edge(low, high)]
     assert not upward, "\n".join(upward)
+
+
+def test_only_the_commands_import_the_recipe_search() -> None:
+    """Nothing but the command line sits above ``tuning``: no stage, flow helper or
+    library module may come to depend on the search."""
+    graph, evidence = package_graph()
+    importers = {node: evidence[node, f"{PACKAGE}.tuning"]
+                 for node in graph.predecessors(f"{PACKAGE}.tuning")}
+    assert set(importers) <= {f"{PACKAGE}.commands"}, importers
 
 
 def test_a_back_import_is_found_inside_functions_and_relative(tmp_path: Path) -> None:

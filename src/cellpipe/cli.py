@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 from cellpipe import __version__
-from cellpipe.commands import score, triton
+from cellpipe.commands import score, triton, tune
 from cellpipe.commands.score import EXIT_QUARANTINED  # noqa: F401 (part of the CLI's interface)
 from cellpipe.errors import CellpipeError, InputError, Interrupted
 from cellpipe.logs import configure_logging
@@ -113,6 +113,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         _add_stage(commands, name, full=name == stage)
     triton.add_commands(commands)
     score.add_commands(commands)
+    tune.add_commands(commands)
     # Listed for --help; main() hands `flows …` over before parsing (see _flows).
     commands.add_parser("flows", help="Run or schedule the Prefect flows: serve | run FLOW "
                                       "(python -m flows in the repository; --help).")

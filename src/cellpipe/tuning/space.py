@@ -1,0 +1,208 @@
+"""The search space: the few recipes a trial can draw, and what each changes in params.yaml.
+
+A recipe is four choices, each one a question the data set answers differently:
+
+* **input size**: 64 px, or the data's native size (the median crop side of the
+  labelled images, rounded, capped). Upsampling small crops feeds ImageNet blocks the
+  scale they were trained at; the native size keeps detail a 64 px resize throws away
+  (or, for small crops, avoids inventing pixels).
+* **model**: the pretrained backbone whole; the same truncated to its first blocks
+  (mid-level features separate cells far from ImageNet better: bench/feature_depth.py);
+  or the small CNN from scratch (no ImageNet bias at all; strong on tiny crops).
+* **training** (pretrained models only): head only on frozen features; head, then the
+  last blocks fine-tuned; head, then every block fine-tuned. Each later phase runs at a
+  lower learning rate than the head's, so fine-tuning adapts the pretrained features
+  instead of overwriting them (the loop has one rate per phase, not per layer).
+* **augmentation strength** (only where training sees images: a head trained on cached
+  features never sees an augmented image): params.yaml's, half of it, or twice it.
+
+A trial's choices are its Optuna params; :func:`overrides` turns them into the
+params.yaml values, so the best trial's params alone rebuild its recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+
+from cellpipe.data.manifest import Manifest
+from cellpipe.engine.data import TrainAugmentParams
+from cellpipe.nets.registry import build_backbone
+from cellpipe.stages.train import TrainParams
+
+# The backbone pretrained offline, for a params.yaml whose own backbone is not pretrained.
+DEFAULT_PRETRAINED = ("efficientnet_lite0", "imagenet")
+SCRATCH_BACKBONE = "smallcnn"  # the registry's compact CNN (`cellpipe backbones`)
+
+BASE_SIZE = 64
+# Larger inputs cost quadratically on a CPU; 224 px is where ImageNet weights were trained.
+NATIVE_SIZE_CAP = 224
+NATIVE_SIZE_STEP = 8  # feature maps halve five times; a multiple of 8 keeps them whole longer
+NATIVE_SIZE_FLOOR = 16
+
+# Keep ~3/5 of the blocks: on melanoma 5 of Lite0's 9 blocks (and 14 of MobileNetV2's
+# 19) gave the best linear probe (bench/feature_depth.py); deeper blocks describe ImageNet.
+TRUNCATE_FRACTION = 0.6
+# Fine-tune the top third of the kept blocks: the most ImageNet-specific ones, where
+# adapting pays most; the lower blocks' edges and colours transfer as they are.
+LAST_BLOCKS_FRACTION = 1 / 3
+
+# Learning rates (AdamW, warm-up + cosine per phase). The head's is the one params.yaml
+# and the benchmarks use; fine-tuning runs 10x (last blocks) and 30x (every block) lower,
+# since moving more pretrained weights faster wipes out what they know.
+HEAD_LR = 3e-3
+FINETUNE_LAST_LR = 3e-4
+FINETUNE_ALL_LR = 1e-4
+SCRATCH_LR = 3e-3  # every weight starts random: the benchmarks' small-CNN rate
+
+# Epochs per phase, in units of ``epochs``: a head on cached features costs almost
+# nothing per epoch, so it gets twice as many; from scratch every feature must be learnt.
+HEAD_EPOCHS = 2
+FINETUNE_EPOCHS = 1
+SCRATCH_EPOCHS = 3
+DEFAULT_EPOCHS = 15
+
+MODELS = ("whole", "truncated", "scratch")
+TRAININGS = ("head", "finetune_last", "finetune_all")
+# Scales of the geometric and colour jitter; flips and 90-degree turns stay as they are
+# (cells have no orientation: those are symmetries, not a strength).
+AUGMENT_SCALES = {"weaker": 0.5, "base": 1.0, "stronger": 2.0}
+_SCALED_AUGMENT = ("affine_degrees", "affine_translate", "affine_scale", "brightness",
+                   "contrast", "saturation", "hue")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the choices mean for one data set and base recipe (stored with the study, so a
+    resumed search draws from the same recipes even after params.yaml was rewritten)."""
+
+    sizes: tuple[int, ...]
+    backbone: str  # the pretrained backbone
+    weights: str
+    blocks: int  # how many blocks it has whole
+    augment: dict[str, Any]  # params.yaml's train.augment
+    epochs: int
+    cached_head: bool  # head phases train on cached features (train.cache_frozen_features)
+
+    @property
+    def truncated_blocks(self) -> int:
+        return max(1, round(TRUNCATE_FRACTION * self.blocks))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sizes": list(self.sizes)}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> SearchSpace:
+        return cls(**{**stored, "sizes": tuple(stored["sizes"])})
+
+
+def native_size(manifest: Manifest) -> int:
+    """The median longer side of the labelled train and val inputs, rounded to a multiple of
+    8 and kept within 16..224 px (the test split is not looked at)."""
+    rows = manifest.rows
+    rows = rows[rows["split"].isin(["train", "val"]) & rows["label"].notna()]
+    side = float(np.median(np.maximum(rows["width"], rows["height"]))) if len(rows) else BASE_SIZE
+    rounded = int(round(side / NATIVE_SIZE_STEP)) * NATIVE_SIZE_STEP
+    return int(min(max(rounded, NATIVE_SIZE_FLOOR), NATIVE_SIZE_CAP))
+
+
+def build_space(manifest: Manifest, train: TrainParams, epochs: int = DEFAULT_EPOCHS
+                ) -> SearchSpace:
+    """The space for this data set, anchored on params.yaml's backbone and augmentation."""
+    pretrained = train.weights != "none" and train.backbone != SCRATCH_BACKBONE
+    backbone, weights = (train.backbone, train.weights) if pretrained else DEFAULT_PRETRAINED
+    blocks = len(build_backbone(backbone, "none").blocks)  # weights do not change the count
+    sizes = tuple(sorted({BASE_SIZE, native_size(manifest)}))
+    return SearchSpace(sizes, backbone, weights, blocks, train.augment.model_dump(), epochs,
+                       train.cache_frozen_features)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """Draw a recipe's choices; only choices that change the training are asked for."""
+    choices: dict[str, Any] = {
+        "image_size": trial.suggest_categorical("image_size", list(space.sizes)),
+        "model": trial.suggest_categorical("model", list(MODELS)),
+    }
+    if choices["model"] != "scratch":  # a random backbone has no features to freeze
+        choices["training"] = trial.suggest_categorical("training", list(TRAININGS))
+    if sees_images(choices, space):
+        choices["augment"] = trial.suggest_categorical("augment", list(AUGMENT_SCALES))
+    return choices
+
+
+def sees_images(choices: dict[str, Any], space: SearchSpace) -> bool:
+    """Whether some phase trains on (augmented) images rather than on cached features."""
+    return choices.get("training", "scratch") != "head" or not space.cached_head
+
+
+def all_recipes(space: SearchSpace) -> list[dict[str, Any]]:
+    """Every recipe :func:`suggest` can draw (the space is small enough to count)."""
+    recipes = []
+    for size in space.sizes:
+        for model in MODELS:
+            for training in (None,) if model == "scratch" else TRAININGS:
+                choices = {"image_size": size, "model": model,
+                           **({"training": training} if training else {})}
+                augments = AUGMENT_SCALES if sees_images(choices, space) else (None,)
+                recipes += [{**choices, **({"augment": augment} if augment else {})}
+                            for augment in augments]
+    return recipes
+
+
+def recipe_name(choices: dict[str, Any]) -> str:
+    """A short name for a recipe, also its trial folder: ``64px-whole-finetune_last-base``."""
+    parts = [f"{choices['image_size']}px", choices["model"], choices.get("training", "all"),
+             choices.get("augment", "none")]
+    return "-".join(str(part) for part in parts)
+
+
+def overrides(space: SearchSpace, choices: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The params.yaml values of a recipe, by section (what a trial trains with and what
+    the chosen one writes back)."""
+    model = choices["model"]
+    if model == "scratch":
+        backbone, weights, kept_blocks, blocks = SCRATCH_BACKBONE, "none", None, 0
+        phases = [{"trainable": "all", "epochs": SCRATCH_EPOCHS * space.epochs,
+                   "lr": SCRATCH_LR}]
+    else:
+        backbone, weights = space.backbone, space.weights
+        kept_blocks = space.truncated_blocks if model == "truncated" else None
+        blocks = kept_blocks or space.blocks
+        phases = _pretrained_phases(choices["training"], blocks, space.epochs)
+    augment = scaled_augment(space.augment, AUGMENT_SCALES[choices.get("augment", "base")])
+    return {"preprocess": {"image_size": int(choices["image_size"])},
+            "train": {"backbone": backbone, "weights": weights, "backbone_blocks": kept_blocks,
+                      "phases": phases, "augment": augment}}
+
+
+def _pretrained_phases(training: str, blocks: int, epochs: int) -> list[dict[str, Any]]:
+    """Head first (a random head's large gradients would wreck pretrained blocks), then
+    the fine-tuning ``training`` asks for."""
+    phases: list[dict[str, Any]] = [{"trainable": "head", "epochs": HEAD_EPOCHS * epochs,
+                                     "lr": HEAD_LR}]
+    if training == "finetune_last":
+        last = max(1, round(LAST_BLOCKS_FRACTION * blocks))
+        phases.append({"trainable": last, "epochs": FINETUNE_EPOCHS * epochs,
+                       "lr": FINETUNE_LAST_LR})
+    elif training == "finetune_all":
+        phases.append({"trainable": "all", "epochs": FINETUNE_EPOCHS * epochs,
+                       "lr": FINETUNE_ALL_LR})
+    return phases
+
+
+def scaled_augment(base: dict[str, Any], scale: float) -> dict[str, Any]:
+    """``base`` with its affine and colour jitter times ``scale``, within each field's bound."""
+    scaled = dict(base)
+    for name in _SCALED_AUGMENT:
+        bound = next(rule.le for rule in TrainAugmentParams.model_fields[name].metadata
+                     if hasattr(rule, "le"))
+        scaled[name] = round(min(float(base[name]) * scale, bound), 4)
+    return scaled
+
+
+def apply(section: Any, values: dict[str, Any]) -> Any:
+    """A params section (a pydantic model) with ``values`` in place of its own."""
+    return type(section).model_validate({**section.model_dump(), **values})
