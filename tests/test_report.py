@@ -127,7 +127,7 @@ def test_a_run_writes_a_self_contained_report_page(tmp_path: Path) -> None:
     with Image.open(out / thumbnails[0]) as thumbnail:
         assert max(thumbnail.size) <= report_module.THUMBNAIL_SIZE
     links = page.links_in("slides")
-    assert sum(link.endswith("/overlay.png") for link in links) == 3
+    assert sum(link.endswith("/overlay.jpg") for link in links) == 3
     assert sum(link.endswith("/objects.geojson") for link in links) == 3
     assert all((out / link).exists() for link in links)
 

@@ -171,6 +171,21 @@ def test_without_overlays_a_result_has_no_pictures_and_the_same_objects(tmp_path
     assert (tmp_path / "without" / "report.html").is_file()
 
 
+@pytest.mark.parametrize(("overlay_format", "suffix"), [("jpeg", ".jpg"), ("png", ".png")])
+def test_overlays_are_written_in_the_chosen_format_and_linked_by_the_report(
+        tmp_path: Path, overlay_format: str, suffix: str) -> None:
+    inbox = smear_inbox(tmp_path, 1)
+    params = PARAMS.model_copy(update={"overlay_format": overlay_format})
+    score_inbox(str(inbox), tmp_path / "out", ColourRuleClassifier(), params, MODEL)
+    [folder] = (tmp_path / "out" / "slides").iterdir()
+    [picture] = [p for p in folder.glob("overlay*") if not p.name.endswith(".thumb.jpg")]
+    assert picture.name == f"overlay{suffix}"
+    with Image.open(picture) as image:  # the file is what its name says
+        assert image.format == overlay_format.upper() and image.size == (320, 240)
+    assert (folder / "overlay.thumb.jpg").is_file()
+    assert f"{folder.name}/overlay{suffix}" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_windows_count_each_cell_once(tmp_path: Path) -> None:
     image, _ = smear((600, 400), seed=5, red=30, white=2)
     Image.fromarray(image).save(tmp_path / "smear.png")
@@ -213,7 +228,7 @@ def test_corrupt_slide_is_quarantined_while_the_others_are_scored(tmp_path: Path
     objects = pd.read_parquet(folder / "objects.parquet")
     summary = json.loads((folder / "summary.json").read_text())
     assert len(objects) == summary["objects"] == sum(summary["counts"].values())
-    assert (folder / "overlay.png").is_file()
+    assert (folder / "overlay.jpg").is_file()
 
     # Fixed and rerun: it leaves the quarantine; the scored ones are skipped.
     write_smear(inbox / "corrupt.jpg", seed=9)

@@ -5,7 +5,7 @@ QuPath reads a FeatureCollection whose features carry ``objectType``, a
 coordinates in the full-resolution (level-0) pixels of the image: File → Import objects,
 or drop the file onto the open image. Each object's box becomes a closed rectangle; the
 colours are the overlays' (:func:`cellpipe.slides.scoring.class_colours`), so a class
-looks the same in QuPath as in ``overlay.png``.
+looks the same in QuPath as in the overlay picture.
 """
 
 from __future__ import annotations

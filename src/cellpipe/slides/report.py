@@ -72,7 +72,7 @@ class SlideRow:
 
 
 def thumbnail_path(overlay: Path) -> Path:
-    """Where an overlay's thumbnail lives: ``overlay.png`` → ``overlay.thumb.jpg``."""
+    """Where an overlay's thumbnail lives: ``overlay.jpg`` (or .png) → ``overlay.thumb.jpg``."""
     return overlay.with_name(overlay.stem + THUMBNAIL_SUFFIX)
 
 
@@ -115,7 +115,9 @@ def _slide_row(out: Path, outcome: dict) -> SlideRow:
 
 def _overlays(out: Path, folder: Path) -> list[OverlayLink]:
     """The result folder's overlays, the first page first (overlay, overlay_p1…)."""
-    pictures = sorted(folder.glob("overlay*.png"), key=lambda p: (p.stem != "overlay", p.stem))
+    pictures = sorted((p for p in folder.glob("overlay*") if p.suffix in (".jpg", ".png")
+                       and not p.name.endswith(THUMBNAIL_SUFFIX)),
+                      key=lambda p: (p.stem != "overlay", p.stem))
     links = []
     for picture in pictures:
         thumbnail = thumbnail_path(picture)

@@ -63,9 +63,13 @@ class ScoreParams(StageParams):
                                description="unstained objects this much inside a nucleated "
                                            "cell's box are part of it")
     window: int = Field(4096, ge=256, description="cells mode reads the slide in windows this big")
-    overlay: bool = Field(True, description="draw overlay.png (and its thumbnail for "
+    overlay: bool = Field(True, description="draw the overlay picture (and its thumbnail for "
                                             "report.html); false saves the time")
-    overlay_size: int = Field(2048, ge=64, description="longest side of the overlay PNG")
+    overlay_size: int = Field(2048, ge=64, description="longest side of the overlay picture")
+    overlay_format: Literal["jpeg", "png"] = Field(
+        "jpeg", description="jpeg: overlay.jpg at quality 90 without chroma subsampling (what "
+                            "people look at: 2x faster to write and 6x smaller than png); "
+                            "png: overlay.png, lossless")
     # A frozen server holds a batch for at most (retries + 1) × timeout + backoff (~47 s).
     request_timeout_s: float = Field(15.0, gt=0, description="seconds one Triton request may "
                                                              "take before it counts as failed")
@@ -101,6 +105,7 @@ class SlideResult:
     counts: dict[str, int]
     timings: dict[str, float]
     overlays: dict[str, Image.Image] = field(default_factory=dict)
+    overlay_format: Literal["jpeg", "png"] = "jpeg"
 
 
 class _Timer:
@@ -138,7 +143,7 @@ def score_slide(reader: SlideReader, classifier: ImageClassifier,
                         for page in range(reader.pages)}
     names = classifier.contract.class_names
     counts = {name: int((objects["class"] == name).sum()) for name in names}
-    return SlideResult(objects, counts, timer.seconds, overlays)
+    return SlideResult(objects, counts, timer.seconds, overlays, params.overlay_format)
 
 
 # --- cells -----------------------------------------------------------------------------
