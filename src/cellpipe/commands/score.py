@@ -46,7 +46,7 @@ def score(args: argparse.Namespace) -> int:
     print(f"{totals['scored']} scored, {totals['skipped']} already done, "
           f"{totals['quarantined']} quarantined, {totals['ignored']} hidden files ignored; "
           f"results in {args.out} "
-          f"(report.html, summary.csv, slides/*/overlay.png, objects.geojson, report.json)")
+          f"(report.html, summary.csv, slides/*/overlay.jpg, objects.geojson, report.json)")
     if args.compare_voc:
         comparison = compare_with_voc(args.out, args.compare_voc, model)
         print_comparison(comparison)
