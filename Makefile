@@ -44,7 +44,7 @@ demo: venv
 	@echo "Model:      models/classifier/model.pt        (curves: outputs/train/curves.png)"
 	@echo "Evaluation: outputs/evaluate/                 (confusion_matrix.png, reliability.png, mistakes.png)"
 	@echo "Served:     triton_repo/                      (ONNX + card: outputs/export/, report: outputs/publish/report.json)"
-	@echo "Scored:     outputs/demo_results/             (summary.csv, slides/*/overlay.png, objects.parquet, report.json)"
+	@echo "Scored:     outputs/demo_results/             (summary.csv, slides/*/overlay.jpg, objects.parquet, report.json)"
 	@echo "Report:     outputs/demo_results/report.html  (open it in a browser; QuPath: slides/*/objects.geojson)"
 
 ## test: the whole test suite, slow end-to-end tests included (what CI runs)
