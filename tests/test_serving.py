@@ -180,6 +180,25 @@ def test_corrupt_onnx_never_reaches_the_repository(exported: Path, tmp_path: Pat
     assert not repository.root.exists() or not any(repository.root.rglob("*.onnx"))
 
 
+def test_republishing_the_same_model_applies_changed_serving_settings(
+        exported: Path, tmp_path: Path) -> None:
+    """The served model does not change, so there is no new version; the configs do."""
+    repository = _repository(tmp_path)
+    repository.publish(exported)
+    config = repository.root / "cell_classifier" / "config.pbtxt"
+    before = config.read_text()
+    again = repository.publish(exported)
+    assert again.action == "unchanged" and "rewritten" not in again.reason
+    assert config.read_text() == before
+    changed = _repository(tmp_path, instance_count=3, onnx_threads=2)
+    decision = changed.publish(exported)
+    assert (decision.action, decision.version) == ("unchanged", 1)
+    assert "cell_classifier/config.pbtxt" in decision.reason
+    text = config.read_text()
+    assert "count: 3" in text and 'string_value: "2"' in text
+    assert changed.versions() == [1]
+
+
 def test_champion_challenger_prune_and_rollback(trained: dict[str, Path], exported: Path,
                                                 exported_other: Path, tmp_path: Path) -> None:
     repository = _repository(tmp_path)

@@ -91,8 +91,13 @@ class ModelRepository:
             version, champion_card = champion
             incumbent = float(champion_card["val"]["macro_f1"])
             if champion_card["onnx_sha256"] == card["onnx_sha256"]:
+                # Same model: only the serving settings (publish.* in params.yaml) may have
+                # changed, and they must reach the configs without a new version.
+                rewritten = self._write_configs(contract)
                 return Decision("unchanged", version, challenger, incumbent,
-                                f"this model is already version {version}")
+                                f"this model is already version {version}" + (
+                                    f"; serving config rewritten ({', '.join(rewritten)})"
+                                    if rewritten else ""))
             if challenger < incumbent + min_gain and not force:
                 return Decision("rejected", version, challenger, incumbent,
                                 f"val macro-F1 {challenger:.4f} < champion v{version} "
@@ -141,17 +146,19 @@ class ModelRepository:
             shutil.copyfile(model_path, folder / MODEL_FILE)
             write_json(folder / CARD_FILE, published_card)
 
-    def _write_configs(self, contract: ModelContract) -> None:
-        """config.pbtxt and labels.txt of all three models, from ``contract``."""
+    def _write_configs(self, contract: ModelContract) -> list[str]:
+        """config.pbtxt and labels.txt of all three models, from ``contract``; returns the
+        files whose content changed (relative to the repository)."""
         configs = {self.classifier: triton_config.classifier_config(contract, self.params),
                    self.preprocess: triton_config.preprocess_config(contract, self.params),
                    self.ensemble: triton_config.ensemble_config(contract, self.params)}
         (self.root / self.ensemble / "1").mkdir(parents=True, exist_ok=True)
-        for model in (self.classifier, self.ensemble):
-            _write_text(self.root / model / triton_config.LABELS_FILE,
-                        triton_config.labels_text(contract))
-        for model, config in configs.items():
-            _write_text(self.root / model / "config.pbtxt", triton_config.to_text(config))
+        files = {self.root / model / triton_config.LABELS_FILE: triton_config.labels_text(contract)
+                 for model in (self.classifier, self.ensemble)}
+        files.update({self.root / model / "config.pbtxt": triton_config.to_text(config)
+                      for model, config in configs.items()})
+        return [str(path.relative_to(self.root)) for path, text in files.items()
+                if _write_text(path, text)]
 
     def _prune(self, keep_versions: int) -> None:
         for version in self.versions()[:-keep_versions]:
@@ -174,10 +181,15 @@ def _read_card(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str) -> bool:
+    """Write ``text`` atomically unless the file holds it already; whether it was written
+    (a server polling the repository reloads a model whose config file changed)."""
+    if path.is_file() and path.read_text() == text:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+    return True
 
 
 def _git_revision() -> str | None:

@@ -44,8 +44,12 @@ class ServingParams(StageParams):
     max_queue_delay_us: int = Field(2000, ge=0)
     # KIND_GPU in production (NVIDIA's container, native onnxruntime backend); KIND_CPU here.
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
-    instance_count: int = Field(1, ge=1)
-    onnx_threads: int = Field(0, ge=0)  # onnxruntime intra-op threads; 0 = every core
+    # One single-threaded onnxruntime instance per core of the serving machine (2 here):
+    # concurrent requests use every core, and no instance's idle threads spin on cores
+    # that `cellpipe score`'s worker processes need. One instance with a thread per core
+    # made scoring with 2 workers on the same 2 cores ~20% slower (bench/README.md).
+    instance_count: int = Field(2, ge=1)
+    onnx_threads: int = Field(1, ge=0)  # onnxruntime intra-op threads; 0 = every core
     warmup: bool = True
 
 
