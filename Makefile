@@ -109,6 +109,7 @@ bench: venv
 	$(BIN)/python bench/train_real.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/slides.py
+	$(BIN)/python bench/tiles.py
 	$(BIN)/python bench/gan.py
 
 ## lock: re-resolve every dependency and rewrite requirements.lock (needs the registry)

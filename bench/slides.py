@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="score.workers (0: every core)")
     parser.add_argument("--png-level", type=int, help="zlib level of overlay PNGs")
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
+    parser.add_argument("--repo", type=Path, default=ROOT / "triton_repo",
+                        help="Triton model repository to serve (e.g. a copy with other "
+                             "instance/thread settings)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="score the inbox this many times (fresh results each time) and "
                              "report the median run: the machine may be shared")
@@ -79,7 +82,7 @@ def main() -> None:
         for stem in stems:
             shutil.copy(BCCD / "JPEGImages" / f"{stem}.jpg", inbox)
         server = LocalTriton(Path(folder) / "triton")
-        info = server.start(ROOT / "triton_repo", http_port=free_port(), grpc_port=free_port(),
+        info = server.start(args.repo, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port())
         try:
             with TritonClassifier(info.url(args.protocol), protocol=args.protocol) as client:
