@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from machine import cores, cpu_name
 from PIL import Image
 
 from cellpipe.contract import ModelContract, fit_to_contract, to_model_input
@@ -165,7 +165,7 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
     # Shares of the time the scoring processes spent on slides (each slide's total and
     # its write), not of the wall clock: with several processes those add up to more.
     busy = sum(s["timings"]["total"] + s["timings"].get("write", 0.0) for s in summaries)
-    machine = f"{_cpu_name()}, {_cores()} cores"
+    machine = f"{cpu_name()}, {cores()} cores"
     result = {
         "machine": machine, "protocol": args.protocol, "split": args.split,
         "workers": workers, "overlay": overlay,
@@ -207,19 +207,6 @@ def write_tables(summaries: list[dict], errors: pd.DataFrame, wall: float, repor
                      f"| {row.exact_share:.1%} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from machine import cores, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -191,7 +191,7 @@ def main() -> None:
 
 
 def write_tables(runs: list[dict], args: argparse.Namespace) -> None:
-    machine = f"{_cpu_name()}, {_cores()} cores"
+    machine = f"{cpu_name()}, {cores()} cores"
     load = os.getloadavg()
     rows = []
     for run in runs:
@@ -236,17 +236,6 @@ def write_tables(runs: list[dict], args: argparse.Namespace) -> None:
                                                       "overlay")) + " |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":
