@@ -1,0 +1,142 @@
+"""Benchmark: `cellpipe tune` on each shared data set, then the chosen recipe tested once.
+
+For each data set of ``../shared/datasets``: ingest it (the class list and how its
+files group are the only per-set settings, the same as bench/train_real.py's), run the
+recipe search from params.yaml's base recipe within ``--budget`` minutes on train/val,
+then preprocess and train the chosen recipe as the pipeline would and evaluate it once on
+the test split. The table sets the test figure beside the best hand-tuned row of the
+README (bench/README.md, "Training on the real data sets").
+
+    python bench/tune.py [--only melanoma malaria white_cells] [--budget 20] [--seed 42]
+
+Writes results/tune.md and tune.json (each set's trials.csv and best.yaml are copied
+beside them as tune_<set>_trials.csv and tune_<set>_best.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from machine import cores, cpu_name
+from train_real import DATASETS, EXPERIMENTS, Experiment
+
+from cellpipe.parallel import default_workers
+from cellpipe.params import load_section
+from cellpipe.stages import evaluate as evaluate_stage
+from cellpipe.stages import ingest as ingest_stage
+from cellpipe.stages import preprocess as preprocess_stage
+from cellpipe.stages import train as train_stage
+from cellpipe.stages.preprocess import PreprocessParams
+from cellpipe.stages.train import TrainParams
+from cellpipe.tuning.report import BEST_YAML, TRIALS_CSV, write_reports
+from cellpipe.tuning.search import Budget, TuneInputs, tune
+from cellpipe.tuning.space import apply
+
+log = logging.getLogger("bench.tune")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# The best hand-tuned test accuracy the README reports for each set (bench/README.md).
+HAND_TUNED = {"melanoma": 0.748, "malaria": 0.961, "white_cells": 0.816}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=list(HAND_TUNED), choices=list(HAND_TUNED))
+    parser.add_argument("--budget", type=float, default=20, help="minutes of search per set")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    optuna.logging.disable_default_handler()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = [search_and_test(name, EXPERIMENTS[name], args) for name in args.only]
+    write_tables(rows, args)
+
+
+def search_and_test(name: str, experiment: Experiment, args: argparse.Namespace) -> dict:
+    """Ingest, search within the budget, then train the choice and test it once."""
+    base_preprocess = load_section(PreprocessParams, "preprocess", ROOT / "params.yaml")
+    base_train = load_section(TrainParams, "train", ROOT / "params.yaml")
+    with tempfile.TemporaryDirectory(prefix=f"cellpipe-tune-{name}-") as folder:
+        scratch = Path(folder)
+        manifest, source = _ingest(experiment, scratch)
+        started = time.perf_counter()
+        result = tune(TuneInputs(manifest, source, base_preprocess, base_train),
+                      scratch / "tune", budget=Budget(args.budget), seed=args.seed)
+        search_s = time.perf_counter() - started
+        choice = write_reports(result.study, result.space, scratch / "tune")
+        for report, suffix in ((TRIALS_CSV, "trials.csv"), (BEST_YAML, "best.yaml")):
+            shutil.copy(scratch / "tune" / report, RESULTS / f"tune_{name}_{suffix}")
+        test = _train_and_test(choice["params"], manifest, source, scratch / "final",
+                               base_preprocess, base_train)
+    trials = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return {"set": name, "trials": len(trials), "search_min": round(search_s / 60, 1),
+            "recipe": choice["recipe"], "val_macro_f1": choice["val_macro_f1"], **test,
+            "hand_tuned_test_accuracy": HAND_TUNED[name]}
+
+
+def _ingest(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
+    archive = DATASETS / experiment.archive
+    if not archive.is_file():
+        raise SystemExit(f"{archive} not found: the benchmark needs ../shared/datasets")
+    with tarfile.open(archive) as tar:
+        tar.extractall(scratch, filter="data")
+    source = scratch / experiment.source
+    params = ingest_stage.IngestParams.model_validate(experiment.ingest)
+    ingest_stage.run(source, scratch / "ingest", params, workers=default_workers())
+    return scratch / "ingest" / "manifest.parquet", source
+
+
+def _train_and_test(values: dict, manifest: Path, source: Path, out: Path,
+                    base_preprocess: PreprocessParams, base_train: TrainParams) -> dict:
+    """The chosen recipe through the stages, as `dvc repro` would run it after tune."""
+    preprocess_params = apply(base_preprocess, values["preprocess"])
+    preprocess_stage.run(manifest, source, out / "pre", preprocess_params,
+                         workers=default_workers())
+    shards = out / "pre" / "shards"
+    train_params = apply(base_train, values["train"])
+    started = time.perf_counter()
+    train_stage.run(shards, manifest, out / "train", out / "model.pt", train_params,
+                    device="cpu")
+    train_s = time.perf_counter() - started
+    (out / "evaluate").mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_stage.evaluate(out / "model.pt", shards, out / "evaluate",
+                                      out / "calibration.json", evaluate_stage.EvaluateParams())
+    return {"train_min": round(train_s / 60, 1), "test_accuracy": round(metrics["accuracy"], 4),
+            "test_macro_f1": round(metrics["macro_f1"], 4)}
+
+
+def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
+    machine = f"{cpu_name()}, {cores()} cores"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tune.json").write_text(json.dumps(
+        {"machine": machine, "budget_min": args.budget, "seed": args.seed, "rows": rows},
+        indent=2) + "\n")
+    lines = [
+        f"`cellpipe tune` from params.yaml's base recipe, {args.budget:g} min of search per "
+        f"set (seed {args.seed}), chosen on val, then trained and tested once; {machine}, "
+        "CPU only.",
+        "",
+        "| set | trials | search | chosen recipe | val macro-F1 | test accuracy | "
+        "test macro-F1 | hand-tuned test accuracy | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        met = "met" if row["test_accuracy"] >= row["hand_tuned_test_accuracy"] else "not met"
+        lines.append(
+            f"| {row['set']} | {row['trials']} | {row['search_min']} min | {row['recipe']} | "
+            f"{row['val_macro_f1']:.3f} | {row['test_accuracy']:.1%} | "
+            f"{row['test_macro_f1']:.3f} | {row['hand_tuned_test_accuracy']:.1%} | {met} |")
+    (RESULTS / "tune.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
