@@ -43,8 +43,10 @@ from cellpipe.tuning.space import apply
 log = logging.getLogger("bench.tune")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-# The best hand-tuned test accuracy the README reports for each set (bench/README.md).
-HAND_TUNED = {"melanoma": 0.748, "malaria": 0.961, "white_cells": 0.816}
+# The best hand-tuned supervised test accuracy bench/README.md reports for each set (the
+# search is supervised: semi-supervised rows are not its match). Melanoma: the small CNN
+# from scratch at 32 px, mean of 5 seeds; malaria and white cells: their one row.
+HAND_TUNED = {"melanoma": 0.773, "malaria": 0.961, "white_cells": 0.816}
 
 
 def main() -> None:
@@ -57,7 +59,17 @@ def main() -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = [search_and_test(name, EXPERIMENTS[name], args) for name in args.only]
-    write_tables(rows, args)
+    write_tables(_with_earlier_rows(rows), args)
+
+
+def _with_earlier_rows(rows: list[dict]) -> list[dict]:
+    """``rows``, after the rows of earlier runs (``--only``) for the other sets."""
+    earlier = RESULTS / "tune.json"
+    if not earlier.is_file():
+        return rows
+    done = {row["set"] for row in rows}
+    kept = [row for row in json.loads(earlier.read_text())["rows"] if row["set"] not in done]
+    return kept + rows
 
 
 def search_and_test(name: str, experiment: Experiment, args: argparse.Namespace) -> dict:
@@ -116,25 +128,26 @@ def _train_and_test(values: dict, manifest: Path, source: Path, out: Path,
 def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
     machine = f"{cpu_name()}, {cores()} cores"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tune.json").write_text(json.dumps(
-        {"machine": machine, "budget_min": args.budget, "seed": args.seed, "rows": rows},
-        indent=2) + "\n")
     lines = [
-        f"`cellpipe tune` from params.yaml's base recipe, {args.budget:g} min of search per "
-        f"set (seed {args.seed}), chosen on val, then trained and tested once; {machine}, "
-        "CPU only.",
+        f"`cellpipe tune` from params.yaml's base recipe, at most {args.budget:g} min of "
+        f"search per set (seed {args.seed}; *trials* counts redrawn recipes too, scored "
+        f"once), chosen on val, then trained and tested once; {machine}, CPU only.",
         "",
         "| set | trials | search | chosen recipe | val macro-F1 | test accuracy | "
         "test macro-F1 | hand-tuned test accuracy | goal |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        row["hand_tuned_test_accuracy"] = HAND_TUNED[row["set"]]
         met = "met" if row["test_accuracy"] >= row["hand_tuned_test_accuracy"] else "not met"
         lines.append(
             f"| {row['set']} | {row['trials']} | {row['search_min']} min | {row['recipe']} | "
             f"{row['val_macro_f1']:.3f} | {row['test_accuracy']:.1%} | "
             f"{row['test_macro_f1']:.3f} | {row['hand_tuned_test_accuracy']:.1%} | {met} |")
     (RESULTS / "tune.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "tune.json").write_text(json.dumps(
+        {"machine": machine, "budget_min": args.budget, "seed": args.seed, "rows": rows},
+        indent=2) + "\n")
     print("\n".join(lines))
 
 
