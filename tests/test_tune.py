@@ -96,6 +96,10 @@ def test_a_search_records_every_trial_and_writes_the_choice_back(
     trials = pd.read_csv(out / "trials.csv")
     assert trials["number"].tolist() == [0, 1]
     assert trials["state"].tolist() == ["FAIL", "COMPLETE"]
+    # The cheapest recipe comes first, so a tight budget still gets one trial done.
+    first = trials.loc[0]
+    assert (first["params_model"], first["params_training"]) == ("whole", "head")
+    assert first["params_image_size"] == trials["params_image_size"].min()
     assert trials.loc[0, "user_attrs_fail_reason"] == "RuntimeError: a recipe that breaks"
     assert 0 <= trials.loc[1, "value"] <= 1
     assert (out / "trials.png").stat().st_size > 0
