@@ -177,7 +177,8 @@ EXPERIMENTS = {
 }
 
 
-def _prepare(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
+def ingest_experiment(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
+    """Extract the set's archive into ``scratch`` and ingest it: (manifest, image folder)."""
     archive = DATASETS / experiment.archive
     if not archive.is_file():
         raise SystemExit(f"{archive} not found: the benchmark needs ../shared/datasets")
@@ -186,7 +187,11 @@ def _prepare(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
     source = scratch / experiment.source
     ingest_params = ingest_stage.IngestParams.model_validate(experiment.ingest)
     ingest_stage.run(source, scratch / "ingest", ingest_params, workers=default_workers())
-    manifest = scratch / "ingest" / "manifest.parquet"
+    return scratch / "ingest" / "manifest.parquet", source
+
+
+def _prepare(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
+    manifest, source = ingest_experiment(experiment, scratch)
     preprocess_params = preprocess_stage.PreprocessParams.model_validate(experiment.preprocess)
     preprocess_stage.run(manifest, source, scratch / "pre", preprocess_params,
                          workers=default_workers())

@@ -19,19 +19,17 @@ import argparse
 import json
 import logging
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
 from machine import cores, cpu_name
-from train_real import DATASETS, EXPERIMENTS, Experiment
+from train_real import EXPERIMENTS, Experiment, ingest_experiment
 
 from cellpipe.parallel import default_workers
 from cellpipe.params import load_section
 from cellpipe.stages import evaluate as evaluate_stage
-from cellpipe.stages import ingest as ingest_stage
 from cellpipe.stages import preprocess as preprocess_stage
 from cellpipe.stages import train as train_stage
 from cellpipe.stages.preprocess import PreprocessParams
@@ -78,7 +76,7 @@ def search_and_test(name: str, experiment: Experiment, args: argparse.Namespace)
     base_train = load_section(TrainParams, "train", ROOT / "params.yaml")
     with tempfile.TemporaryDirectory(prefix=f"cellpipe-tune-{name}-") as folder:
         scratch = Path(folder)
-        manifest, source = _ingest(experiment, scratch)
+        manifest, source = ingest_experiment(experiment, scratch)
         started = time.perf_counter()
         result = tune(TuneInputs(manifest, source, base_preprocess, base_train),
                       scratch / "tune", budget=Budget(args.budget), seed=args.seed)
@@ -92,18 +90,6 @@ def search_and_test(name: str, experiment: Experiment, args: argparse.Namespace)
     return {"set": name, "trials": len(trials), "search_min": round(search_s / 60, 1),
             "recipe": choice["recipe"], "val_macro_f1": choice["val_macro_f1"], **test,
             "hand_tuned_test_accuracy": HAND_TUNED[name]}
-
-
-def _ingest(experiment: Experiment, scratch: Path) -> tuple[Path, Path]:
-    archive = DATASETS / experiment.archive
-    if not archive.is_file():
-        raise SystemExit(f"{archive} not found: the benchmark needs ../shared/datasets")
-    with tarfile.open(archive) as tar:
-        tar.extractall(scratch, filter="data")
-    source = scratch / experiment.source
-    params = ingest_stage.IngestParams.model_validate(experiment.ingest)
-    ingest_stage.run(source, scratch / "ingest", params, workers=default_workers())
-    return scratch / "ingest" / "manifest.parquet", source
 
 
 def _train_and_test(values: dict, manifest: Path, source: Path, out: Path,
