@@ -144,6 +144,68 @@ def test_a_rerun_resumes_the_study(searched: tuple[Path, Path, int, list[str]],
     assert trials["state"].tolist()[:2] == ["FAIL", "COMPLETE"]
 
 
+def test_a_trial_stopped_by_the_budget_counts_with_what_it_finished(
+        ingested: Ingested, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    real_train = train_stage.train
+    folds_started = []
+
+    def first_fold_only(*args, **options):
+        folds_started.append(options["checkpoints"])
+        if len(folds_started) == 1:
+            return real_train(*args, **options)
+        time.sleep(120)  # the second fold outlasts the budget
+
+    monkeypatch.setattr(train_stage, "train", first_fold_only)
+    assert _tune(ingested, tmp_path / "tune", params, "--budget", "0.4") == 0
+    assert len(folds_started) == 2  # small set: folds; the budget ended in the second
+    assert folds_started[0].parent.name == "fold1"
+    trials = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    assert trials["state"].tolist() == ["COMPLETE"]  # the first fold's best epoch scores it
+    assert 0 <= trials.loc[0, "value"] <= 1
+    assert "in fold 2 of 3" in trials.loc[0, "user_attrs_partial"]
+    assert pd.isna(trials.loc[0].get("user_attrs_train_seconds"))  # not a full recipe's cost
+    assert yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())["trial"] == 0
+
+
+def test_small_sets_are_scored_by_cross_validation_folds(ingested: Ingested) -> None:
+    from cellpipe.tuning.search import _without_test, trial_manifests
+
+    listed = _without_test(read_manifest(ingested.manifest), "supervised")
+    folds = trial_manifests(listed, seed=3)
+    assert len(folds) == 3
+    pool = listed.rows.index[listed.rows["split"].isin(["train", "val"])]
+    vals = [set(fold.rows.index[fold.rows["split"] == "val"]) for fold in folds]
+    assert set().union(*vals) == set(pool) and sum(map(len, vals)) == len(pool)  # each once
+    for fold in folds:
+        assert set(fold.rows["split"]) == {"train", "val"}
+        for split in ("train", "val"):  # every class in each fold's train and val
+            assert set(fold.rows.loc[fold.rows["split"] == split, "label"]) == set(CLASS_COLOURS)
+        assert fold.rows["path"].tolist() == listed.rows["path"].tolist()
+
+
+def test_large_sets_are_searched_on_a_stratified_sample_of_train() -> None:
+    from cellpipe.data.manifest import Manifest, empty_rows
+    from cellpipe.tuning import search
+
+    counts = {"common": 6_000, "rare": 300, "tiny": 4}
+    labels = [name for name, count in counts.items() for _ in range(count)]
+    rows = pd.concat([empty_rows(), pd.DataFrame({
+        "path": [f"{i}.png" for i in range(len(labels) + 500)],
+        "label": labels + ["common"] * 500,
+        "split": ["train"] * len(labels) + ["val"] * 500,
+        "source_id": [str(i) for i in range(len(labels) + 500)]})])
+    listed = Manifest(rows.reset_index(drop=True), tuple(counts))
+    [sampled] = search.trial_manifests(listed, seed=0)
+    kept = sampled.rows[sampled.rows["split"] == "train"]["label"].value_counts()
+    assert abs(kept.sum() - search.SEARCH_TRAIN_IMAGES) <= search.SAMPLE_MIN_PER_CLASS
+    assert kept["tiny"] == 4 and kept["rare"] == 95  # in proportion (300 x 2000/6304)
+    assert (sampled.rows["split"] == "val").sum() == 500  # val whole
+    again = search.trial_manifests(listed, seed=0)[0]
+    assert again.rows["path"].tolist() == sampled.rows["path"].tolist()  # seeded
+
+
 def test_a_trial_still_training_at_the_end_of_the_budget_is_stopped(
         ingested: Ingested, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -194,7 +256,15 @@ def test_the_native_size_is_the_median_longer_side_rounded_and_capped(ingested: 
     listed = read_manifest(ingested.manifest)
     assert native_size(listed) == 32  # 28 px crops, to a multiple of 8 (28 -> 32 is nearer)
     rows = listed.rows.assign(width=900, height=700)
-    assert native_size(type(listed)(rows, listed.classes)) == 224
+    assert native_size(type(listed)(rows, listed.classes)) == space_module.NATIVE_SIZE_CAP
+
+
+def test_epochs_per_unit_follow_the_train_set_size() -> None:
+    # A unit is about the same number of images seen: tiny sets get the most epochs.
+    assert space_module.epochs_for(160) == space_module.DEFAULT_EPOCHS
+    assert space_module.epochs_for(15_434) == 3
+    assert space_module.epochs_for(1_000_000) == space_module.MIN_EPOCHS
+    assert space_module.epochs_for(0) == space_module.DEFAULT_EPOCHS
 
 
 def test_recipes_become_params_yaml_values() -> None:
@@ -258,7 +328,7 @@ def test_a_recipe_drawn_again_gets_its_score_without_training(
     for _ in range(2):
         study.enqueue_trial({"image_size": 64, "model": "whole", "training": "head"})
     study.optimize(trained, n_trials=1)
-    study.optimize(_Objective(None, None, space, tmp_path, Budget(1), "cpu", 1), n_trials=1)
+    study.optimize(_Objective(None, [], space, tmp_path, Budget(1), "cpu", 1), n_trials=1)
     assert study.trials[1].value == 0.75 and study.trials[1].user_attrs["repeat_of"] == 0
 
 

@@ -38,8 +38,10 @@ DEFAULT_PRETRAINED = ("efficientnet_lite0", "imagenet")
 SCRATCH_BACKBONE = "smallcnn"  # the registry's compact CNN (`cellpipe backbones`)
 
 BASE_SIZE = 64
-# Larger inputs cost quadratically on a CPU; 224 px is where ImageNet weights were trained.
-NATIVE_SIZE_CAP = 224
+# Larger inputs cost quadratically: on 2 CPU cores one fine-tuning epoch of 8,400 images
+# takes ~10 min at 128 px and ~30 min at 224 px, which no search budget of an hour buys.
+# The cell sets at hand carry their detail at 128 px (the white-cell row of bench/README.md).
+NATIVE_SIZE_CAP = 128
 NATIVE_SIZE_STEP = 8  # feature maps halve five times; a multiple of 8 keeps them whole longer
 NATIVE_SIZE_FLOOR = 16
 
@@ -63,7 +65,12 @@ SCRATCH_LR = 3e-3  # every weight starts random: the benchmarks' small-CNN rate
 HEAD_EPOCHS = 2
 FINETUNE_EPOCHS = 1
 SCRATCH_EPOCHS = 3
-DEFAULT_EPOCHS = 15
+# The unit itself follows the train set's size, so that a unit is about the same number of
+# images seen (optimiser steps) whatever the set: 160 melanoma images get 15 epochs (3
+# steps each), 15,434 malaria images 3 (the hand-tuned malaria recipe fine-tuned 4).
+IMAGES_PER_UNIT = 45_000
+DEFAULT_EPOCHS = 15  # the most: a tiny set's epoch is a few steps
+MIN_EPOCHS = 2
 
 MODELS = ("whole", "truncated", "scratch")
 TRAININGS = ("head", "finetune_last", "finetune_all")
@@ -109,9 +116,23 @@ def native_size(manifest: Manifest) -> int:
     return int(min(max(rounded, NATIVE_SIZE_FLOOR), NATIVE_SIZE_CAP))
 
 
-def build_space(manifest: Manifest, train: TrainParams, epochs: int = DEFAULT_EPOCHS
+def epochs_for(train_images: int) -> int:
+    """Epochs per unit for a train split of ``train_images``: :data:`IMAGES_PER_UNIT` images
+    seen, within :data:`MIN_EPOCHS`..:data:`DEFAULT_EPOCHS`."""
+    epochs = round(IMAGES_PER_UNIT / max(train_images, 1))
+    return int(min(max(epochs, MIN_EPOCHS), DEFAULT_EPOCHS))
+
+
+def labelled_train_images(manifest: Manifest) -> int:
+    rows = manifest.rows
+    return int((rows["split"].eq("train") & rows["label"].notna()).sum())
+
+
+def build_space(manifest: Manifest, train: TrainParams, epochs: int | None = None
                 ) -> SearchSpace:
-    """The space for this data set, anchored on params.yaml's backbone and augmentation."""
+    """The space for this data set, anchored on params.yaml's backbone and augmentation;
+    ``epochs`` per unit (default: :func:`epochs_for` the labelled train images)."""
+    epochs = epochs or epochs_for(labelled_train_images(manifest))
     pretrained = train.weights != "none" and train.backbone != SCRATCH_BACKBONE
     backbone, weights = (train.backbone, train.weights) if pretrained else DEFAULT_PRETRAINED
     blocks = len(build_backbone(backbone, "none").blocks)  # weights do not change the count
