@@ -99,6 +99,45 @@ def test_early_stopping_ends_a_phase_without_progress(shards: Path, manifest: Pa
     assert metrics["epochs"] == 3  # the first epoch sets the best, two more without progress
 
 
+def test_a_fine_tuning_phase_runs_on_while_it_recovers_below_the_heads_best() -> None:
+    from cellpipe.engine.fit import RunState, _keep_if_best
+
+    model = torch.nn.Linear(2, 2)
+    state = RunState.fresh(model)
+    _keep_if_best(state, model, 0.9, np.zeros(1))  # the head phase's best
+    kept = {name: value.clone() for name, value in state.best_state.items()}
+    state.phase_best, state.stale = -1.0, 0  # what fit does when the next phase starts
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    stale = []
+    for score in (0.6, 0.7, 0.8, 0.75, 0.95):  # the dip at the start of fine-tuning
+        _keep_if_best(state, model, score, np.zeros(1))
+        stale.append(state.stale)
+        if score < 0.9:  # below the head's best: its weights stay the ones kept
+            assert all(torch.equal(kept[name], value)
+                       for name, value in state.best_state.items())
+    # Early stopping counts from the phase's own best: rising 0.6 -> 0.8 is progress.
+    assert stale == [0, 0, 0, 1, 0]
+    assert state.best_score == 0.95 and torch.equal(state.best_state["weight"], model.weight)
+
+
+def test_discriminative_rates_put_the_backbone_below_the_head() -> None:
+    from cellpipe.engine.fit import PhaseParams, _param_groups, _set_trainable
+    from cellpipe.nets.classifier import Classifier
+
+    model = Classifier(train_stage.build_backbone("smallcnn", "none"), len(CLASSES), 0.0)
+    phase = PhaseParams(trainable=2, epochs=1, lr=1e-3, backbone_lr_scale=0.1)
+    _set_trainable(model, phase)
+    optimizer = torch.optim.AdamW(_param_groups(model, model, phase), lr=phase.lr)
+    head, blocks = optimizer.param_groups
+    assert head["lr"] == 1e-3 and blocks["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    tuned = [p for block in model.blocks[-2:] for p in block.parameters()]
+    assert {id(p) for p in blocks["params"]} == {id(p) for p in tuned}
+    # At the default scale of 1, one group as before (the demo's recipe trains unchanged).
+    assert len(_param_groups(model, model, PhaseParams(trainable=2, epochs=1, lr=1e-3))) == 1
+
+
 def test_pseudo_labels_enter_training_within_threshold_and_cap(tmp_path: Path,
                                                                manifest: Path) -> None:
     shards = write_shards(tmp_path / "shards", CLASSES,

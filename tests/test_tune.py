@@ -274,12 +274,14 @@ def test_recipes_become_params_yaml_values() -> None:
     assert (whole["backbone"], whole["weights"], whole["backbone_blocks"]) == (
         "efficientnet_lite0", "imagenet", None)
     assert whole["phases"] == [{"trainable": "head", "epochs": 8, "lr": 3e-3},
-                               {"trainable": 3, "epochs": 4, "lr": 3e-4}]
+                               {"trainable": 3, "epochs": 4, "lr": 1e-3,
+                                "backbone_lr_scale": 0.3}]
     truncated = overrides(space, {"image_size": 32, "model": "truncated",
                                   "training": "finetune_all", "augment": "stronger"})
     assert truncated["preprocess"] == {"image_size": 32}
     assert truncated["train"]["backbone_blocks"] == 5
-    assert truncated["train"]["phases"][1] == {"trainable": "all", "epochs": 4, "lr": 1e-4}
+    assert truncated["train"]["phases"][1] == {"trainable": "all", "epochs": 4, "lr": 1e-3,
+                                               "backbone_lr_scale": 0.1}
     scratch = overrides(space, {"image_size": 32, "model": "scratch", "augment": "weaker"})
     assert (scratch["train"]["backbone"], scratch["train"]["weights"]) == ("smallcnn", "none")
     assert scratch["train"]["phases"] == [{"trainable": "all", "epochs": 12, "lr": 3e-3}]

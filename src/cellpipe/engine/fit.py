@@ -66,6 +66,11 @@ class PhaseParams(StageParams):
     trainable: Literal["head", "all"] | int = "head"
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
+    # Discriminative learning rates: the backbone's trainable blocks learn at lr x this, the
+    # head at lr. Below 1 a fine-tuning phase re-fits the head quickly (it now sees augmented
+    # images through the blocks, not the cached clean features it was fitted on) while the
+    # pretrained blocks move slowly enough to keep what they know.
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1)
 
 
 class FitParams(StageParams):
@@ -107,7 +112,7 @@ class RunState:
     phase: int  # index of the phase in progress; len(phases) once all are done
     epoch: int  # epochs done in that phase
     best_score: float  # best val macro-F1 so far (-1 before the first epoch)
-    stale: int  # epochs since best_score last rose (early stopping)
+    stale: int  # epochs since phase_best last rose (early stopping)
     history: list[dict]  # one record per epoch, over all phases
     best_state: dict  # the model's state dict at best_score
     best_val_predictions: np.ndarray  # val arg-max predictions at best_score
@@ -117,6 +122,11 @@ class RunState:
     scheduler: dict | None = None
     rng: dict | list[dict] | None = None  # see _rng_state: a list under DDP, one per rank
     objective: dict | None = None  # the objective's own state (e.g. SGAN's generator)
+    # Best val macro-F1 of the phase in progress: early stopping counts the epochs since it
+    # rose, so a fine-tuning phase that dips below the head's best at its start (new
+    # optimiser, augmented images) runs on while it recovers. Checkpoints of older runs lack
+    # it; -1 then means "no epoch of this phase yet".
+    phase_best: float = -1.0
 
     @classmethod
     def fresh(cls, model: nn.Module) -> RunState:
@@ -198,8 +208,8 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         cached = phase.trainable == "head" and params.cache_frozen_features
         module, train_batches, val_batches = _phase_data(model, cached, train, val, contract,
                                                          params, device, generator, shard)
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=params.weight_decay)
+        optimizer = torch.optim.AdamW(_param_groups(model, module, phase), lr=phase.lr,
+                                      weight_decay=params.weight_decay)
         total_steps = phase.epochs * objective.steps_per_epoch(model, module, train_batches)
         warmup_steps = round(params.warmup_fraction * total_steps)
         scheduler = warmup_cosine(optimizer, total_steps, warmup_steps)
@@ -237,7 +247,7 @@ def fit(model: Classifier, pretrained: bool, train: ImageDataset, val: ImageData
         del trained  # its gradient hooks must not outlive the phase they were built for
         # The next phase starts from the best weights so far, not the last ones.
         model.load_state_dict(state.best_state)
-        state.phase, state.epoch, state.stale = index + 1, 0, 0
+        state.phase, state.epoch, state.stale, state.phase_best = index + 1, 0, 0, -1.0
         state.model, state.rng = model.state_dict(), _rng_state(generator)
         _save(checkpoint, state, fingerprint)
     return FitResult(state.best_score, state.best_state, state.history,
@@ -307,6 +317,19 @@ def _set_trainable(model: Classifier, phase: PhaseParams) -> None:
         for block in model.blocks[-phase.trainable:]:
             for parameter in block.parameters():
                 parameter.requires_grad = True
+
+
+def _param_groups(model: Classifier, module: nn.Module, phase: PhaseParams) -> list[dict]:
+    """The trainable parameters of ``module``: the head's at the phase's rate, the
+    backbone's in a group of their own at ``lr x backbone_lr_scale`` (one group at 1)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if phase.backbone_lr_scale == 1.0:
+        return [{"params": trainable}]
+    head = {id(p) for p in model.head.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in head]},
+              {"params": [p for p in trainable if id(p) not in head],
+               "lr": phase.lr * phase.backbone_lr_scale}]
+    return [group for group in groups if group["params"]]
 
 
 def _train_mode(model: Classifier, module: nn.Module, phase: PhaseParams,
@@ -390,10 +413,13 @@ def _epoch_record(state: RunState, index: int, phase: PhaseParams, train_loss: f
 
 def _keep_if_best(state: RunState, model: nn.Module, score: float,
                   predictions: np.ndarray) -> None:
-    """Keep the weights and val predictions of a new best score; else count a stale epoch."""
+    """Keep the weights and val predictions of a new best score; count a stale epoch unless
+    the phase's own best rose."""
     if score > state.best_score:
-        state.best_score, state.stale = score, 0
+        state.best_score = score
         state.best_state = copy.deepcopy(model.state_dict())
         state.best_val_predictions = predictions
+    if score > state.phase_best:
+        state.phase_best, state.stale = score, 0
     else:
         state.stale += 1

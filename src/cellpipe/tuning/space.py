@@ -10,9 +10,10 @@ A recipe is four choices, each one a question the data set answers differently:
   (mid-level features separate cells far from ImageNet better: bench/feature_depth.py);
   or the small CNN from scratch (no ImageNet bias at all; strong on tiny crops).
 * **training** (pretrained models only): head only on frozen features; head, then the
-  last blocks fine-tuned; head, then every block fine-tuned. Each later phase runs at a
-  lower learning rate than the head's, so fine-tuning adapts the pretrained features
-  instead of overwriting them (the loop has one rate per phase, not per layer).
+  last blocks fine-tuned; head, then every block fine-tuned. Fine-tuning phases have
+  discriminative rates: the blocks learn 10-30x slower than the head first did, so they
+  adapt the pretrained features instead of overwriting them, while the head re-fits fast;
+  early stopping counts from the phase's own best, so its first dip does not end it.
 * **augmentation strength** (only where training sees images: a head trained on cached
   features never sees an augmented image): params.yaml's, half of it, or twice it.
 
@@ -53,9 +54,12 @@ TRUNCATE_FRACTION = 0.6
 LAST_BLOCKS_FRACTION = 1 / 3
 
 # Learning rates (AdamW, warm-up + cosine per phase). The head's is the one params.yaml
-# and the benchmarks use; fine-tuning runs 10x (last blocks) and 30x (every block) lower,
-# since moving more pretrained weights faster wipes out what they know.
+# and the benchmarks use. Fine-tuning phases are discriminative: the head goes on at
+# FINETUNE_HEAD_LR (it must re-fit to augmented images seen through moving blocks), the
+# blocks 10x (last blocks) and 30x (every block) below the head's first rate, since moving
+# more pretrained weights faster wipes out what they know.
 HEAD_LR = 3e-3
+FINETUNE_HEAD_LR = 1e-3
 FINETUNE_LAST_LR = 3e-4
 FINETUNE_ALL_LR = 1e-4
 SCRATCH_LR = 3e-3  # every weight starts random: the benchmarks' small-CNN rate
@@ -206,12 +210,16 @@ def _pretrained_phases(training: str, blocks: int, epochs: int) -> list[dict[str
                                      "lr": HEAD_LR}]
     if training == "finetune_last":
         last = max(1, round(LAST_BLOCKS_FRACTION * blocks))
-        phases.append({"trainable": last, "epochs": FINETUNE_EPOCHS * epochs,
-                       "lr": FINETUNE_LAST_LR})
+        phases.append(_finetune_phase(last, FINETUNE_LAST_LR, epochs))
     elif training == "finetune_all":
-        phases.append({"trainable": "all", "epochs": FINETUNE_EPOCHS * epochs,
-                       "lr": FINETUNE_ALL_LR})
+        phases.append(_finetune_phase("all", FINETUNE_ALL_LR, epochs))
     return phases
+
+
+def _finetune_phase(trainable: int | str, blocks_lr: float, epochs: int) -> dict[str, Any]:
+    """A fine-tuning phase: the head at FINETUNE_HEAD_LR, the blocks at ``blocks_lr``."""
+    return {"trainable": trainable, "epochs": FINETUNE_EPOCHS * epochs, "lr": FINETUNE_HEAD_LR,
+            "backbone_lr_scale": round(blocks_lr / FINETUNE_HEAD_LR, 6)}
 
 
 def scaled_augment(base: dict[str, Any], scale: float) -> dict[str, Any]:
