@@ -285,6 +285,8 @@ def test_recipes_become_params_yaml_values() -> None:
     scratch = overrides(space, {"image_size": 32, "model": "scratch", "augment": "weaker"})
     assert (scratch["train"]["backbone"], scratch["train"]["weights"]) == ("smallcnn", "none")
     assert scratch["train"]["phases"] == [{"trainable": "all", "epochs": 12, "lr": 3e-3}]
+    assert scratch["train"]["early_stopping_patience"] == 4  # a third of its epochs
+    assert "early_stopping_patience" not in whole  # params.yaml's, for pretrained recipes
     for values in (whole, truncated["train"], scratch["train"]):  # each one a valid recipe
         TrainParams.model_validate({**values, "phases": values["phases"]})
 
