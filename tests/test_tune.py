@@ -185,6 +185,17 @@ def test_small_sets_are_scored_by_cross_validation_folds(ingested: Ingested) -> 
         assert fold.rows["path"].tolist() == listed.rows["path"].tolist()
 
 
+def test_a_class_in_fewer_groups_than_folds_keeps_the_given_split(ingested: Ingested) -> None:
+    from cellpipe.tuning.search import _without_test, trial_manifests
+
+    listed = _without_test(read_manifest(ingested.manifest), "supervised")
+    rows = listed.rows.copy()
+    rows.loc[rows["label"] == "a", "source_id"] = "slide1"  # all of class a from one slide
+    rows.loc[rows.index[rows["label"] == "a"][:2], "source_id"] = "slide2"
+    [kept] = trial_manifests(type(listed)(rows, listed.classes), seed=3)
+    assert kept.rows["split"].tolist() == rows["split"].tolist()
+
+
 def test_large_sets_are_searched_on_a_stratified_sample_of_train() -> None:
     from cellpipe.data.manifest import Manifest, empty_rows
     from cellpipe.tuning import search

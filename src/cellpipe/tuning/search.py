@@ -225,8 +225,8 @@ def cross_validation_folds(listed: Manifest, folds: int, seed: int) -> list[Mani
     rows = listed.rows
     pool = rows.index[rows["label"].notna() & rows["split"].isin(_TRAINING_SPLITS)]
     labels = rows.loc[pool, "label"].to_numpy()
-    if pd.Series(labels).value_counts().min() < folds:
-        return [listed]  # a class could not be in every fold's val
+    if rows.loc[pool].groupby("label")["source_id"].nunique().min() < folds:
+        return [listed]  # a class could not be in every fold's val (groups stay whole)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     manifests = []
     for _, val in splitter.split(pool, labels, groups=rows.loc[pool, "source_id"].to_numpy()):
