@@ -325,8 +325,9 @@ class _Objective:
                     results.append(outcome.result)
                 if not results:
                     raise
-                trial.set_user_attr("partial", f"stopped at the end of the budget ({stop}) "
-                                    f"in fold {index + 1} of {len(self.manifests)}")
+                where = (f" in fold {index + 1} of {len(self.manifests)}"
+                         if len(self.manifests) > 1 else "")
+                trial.set_user_attr("partial", f"stopped at the end of the budget ({stop}){where}")
                 trial.study.stop()
                 break
             results.append(outcome.result)
