@@ -273,9 +273,26 @@ def test_the_native_size_is_the_median_longer_side_rounded_and_capped(ingested: 
 def test_epochs_per_unit_follow_the_train_set_size() -> None:
     # A unit is about the same number of images seen: tiny sets get the most epochs.
     assert space_module.epochs_for(160) == space_module.DEFAULT_EPOCHS
-    assert space_module.epochs_for(15_434) == 3
+    assert space_module.epochs_for(15_434) == 4  # malaria: as its hand-tuned recipe
     assert space_module.epochs_for(1_000_000) == space_module.MIN_EPOCHS
     assert space_module.epochs_for(0) == space_module.DEFAULT_EPOCHS
+
+
+def test_only_inputs_far_from_square_ask_how_to_fit_the_square(ingested: Ingested) -> None:
+    listed = read_manifest(ingested.manifest)
+    assert space_module.resize_modes(listed, "pad") == ("pad",)  # 28x28 crops
+    wide = type(listed)(listed.rows.assign(width=320, height=240), listed.classes)
+    assert space_module.median_aspect(wide) == pytest.approx(4 / 3)
+    assert space_module.resize_modes(wide, "crop") == ("crop", "pad")  # params.yaml's first
+    space = _space(resizes=("pad", "crop"))
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    stored = {key: value for key, value in space.to_dict().items() if key != "resizes"}
+    assert SearchSpace.from_dict(stored).resizes == ("pad",)  # a study from before the choice
+    cropped = {"image_size": 64, "resize": "crop", "model": "whole", "training": "head"}
+    assert overrides(space, cropped)["preprocess"] == {"image_size": 64, "resize": "crop"}
+    assert space_module.recipe_name(cropped) == "64px-crop-whole-head-none"
+    from cellpipe.tuning.search import cheapest_recipe
+    assert cheapest_recipe(space)["resize"] == "pad" and "resize" not in cheapest_recipe(_space())
 
 
 def test_recipes_become_params_yaml_values() -> None:
@@ -325,6 +342,13 @@ def test_the_space_is_small_and_suggest_draws_only_from_it() -> None:
     for _ in range(40):
         trial = study.ask()
         assert space_module.recipe_name(space_module.suggest(trial, space)) in names
+        study.tell(trial, 0.5)
+    fitted = _space(resizes=("pad", "crop"))  # inputs far from square: every recipe twice
+    fitted_names = {space_module.recipe_name(c) for c in space_module.all_recipes(fitted)}
+    assert len(fitted_names) == 2 * len(names)
+    for _ in range(20):
+        trial = study.ask()
+        assert space_module.recipe_name(space_module.suggest(trial, fitted)) in fitted_names
         study.tell(trial, 0.5)
 
 

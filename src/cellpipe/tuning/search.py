@@ -157,13 +157,13 @@ def open_study(out: Path, listed: Manifest, inputs: TuneInputs, *, seed: int,
                                 direction="maximize", load_if_exists=True)
     stored = study.user_attrs.get("space")
     if stored is None:
-        space = build_space(listed, inputs.train, epochs)
+        space = build_space(listed, inputs.train, epochs, inputs.preprocess.resize)
         study.set_user_attr("space", space.to_dict())
         study.enqueue_trial(cheapest_recipe(space))
-        log.info("new study %s in %s: input sizes %s, %s (%d blocks; truncated: first %d), "
-                 "small CNN from scratch; epochs per unit: %d", name, out / STUDY_FILE,
-                 list(space.sizes), space.backbone, space.blocks, space.truncated_blocks,
-                 space.epochs)
+        log.info("new study %s in %s: input sizes %s (fit to the square: %s), %s (%d blocks; "
+                 "truncated: first %d), small CNN from scratch; epochs per unit: %d", name,
+                 out / STUDY_FILE, list(space.sizes), " or ".join(space.resizes),
+                 space.backbone, space.blocks, space.truncated_blocks, space.epochs)
     else:
         space = SearchSpace.from_dict(stored)
         if epochs is not None and epochs != space.epochs:
@@ -179,8 +179,9 @@ def cheapest_recipe(space: SearchSpace) -> dict[str, object]:
     """The first trial of every search: a head on the whole pretrained backbone at the
     smallest input size, which trains on cached features in seconds to minutes whatever
     the data set, so that a budget no fine-tuning fits in (one fine-tuning epoch of a
-    15,000-image set takes minutes on 2 cores) still chooses a recipe."""
-    return {"image_size": min(space.sizes), "model": "whole", "training": "head"}
+    15,000-image set takes minutes on 2 cores) still chooses a recipe; params.yaml's resize."""
+    fit = {"resize": space.resizes[0]} if len(space.resizes) > 1 else {}
+    return {"image_size": min(space.sizes), **fit, "model": "whole", "training": "head"}
 
 
 def _fail_abandoned(study: optuna.Study) -> None:

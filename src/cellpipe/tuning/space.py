@@ -1,11 +1,14 @@
 """The search space: the few recipes a trial can draw, and what each changes in params.yaml.
 
-A recipe is four choices, each one a question the data set answers differently:
+A recipe is four or five choices, each one a question the data set answers differently:
 
 * **input size**: 64 px, or the data's native size (the median crop side of the
   labelled images, rounded, capped). Upsampling small crops feeds ImageNet blocks the
   scale they were trained at; the native size keeps detail a 64 px resize throws away
   (or, for small crops, avoids inventing pixels).
+* **fit to the square** (only for inputs that are not square): pad the whole crop (the
+  cell shrinks, the border is filled) or crop its centre (the cell keeps its scale, the
+  edges are cut). Which one helps depends on where the cells sit in the crops.
 * **model**: the pretrained backbone whole; the same truncated to its first blocks
   (mid-level features separate cells far from ImageNet better: bench/feature_depth.py);
   or the small CNN from scratch (no ImageNet bias at all; strong on tiny crops).
@@ -23,6 +26,7 @@ params.yaml values, so the best trial's params alone rebuild its recipe.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +49,11 @@ BASE_SIZE = 64
 NATIVE_SIZE_CAP = 128
 NATIVE_SIZE_STEP = 8  # feature maps halve five times; a multiple of 8 keeps them whole longer
 NATIVE_SIZE_FLOOR = 16
+# Crops whose median longer side is at least this many times their shorter side make
+# padding and centre-cropping differ enough to ask which (white cells: 320x240, 1.33);
+# below it the two cut or fill a few pixels and the search does not spend trials on it.
+RESIZE_ASPECT = 1.2
+RESIZE_MODES = ("pad", "crop")
 
 # Keep ~3/5 of the blocks: on melanoma 5 of Lite0's 9 blocks (and 14 of MobileNetV2's
 # 19) gave the best linear probe (bench/feature_depth.py); deeper blocks describe ImageNet.
@@ -75,8 +84,9 @@ SCRATCH_EPOCHS = 3
 SCRATCH_PATIENCE_FRACTION = 1 / 3
 # The unit itself follows the train set's size, so that a unit is about the same number of
 # images seen (optimiser steps) whatever the set: 160 melanoma images get 15 epochs (3
-# steps each), 15,434 malaria images 3 (the hand-tuned malaria recipe fine-tuned 4).
-IMAGES_PER_UNIT = 45_000
+# steps each), 15,434 malaria images 4 (as the hand-tuned malaria recipe fine-tuned). At
+# 45,000 malaria got 3, and its val macro-F1 still rose at the last one (bench/README.md).
+IMAGES_PER_UNIT = 60_000
 DEFAULT_EPOCHS = 15  # the most: a tiny set's epoch is a few steps
 MIN_EPOCHS = 2
 
@@ -101,27 +111,53 @@ class SearchSpace:
     augment: dict[str, Any]  # params.yaml's train.augment
     epochs: int
     cached_head: bool  # head phases train on cached features (train.cache_frozen_features)
+    # How inputs become squares (preprocess.resize): params.yaml's first; both only for
+    # inputs far from square (a study stored before this choice existed has the one).
+    resizes: tuple[str, ...] = ("pad",)
 
     @property
     def truncated_blocks(self) -> int:
         return max(1, round(TRUNCATE_FRACTION * self.blocks))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "sizes": list(self.sizes)}
+        return {**asdict(self), "sizes": list(self.sizes), "resizes": list(self.resizes)}
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> SearchSpace:
-        return cls(**{**stored, "sizes": tuple(stored["sizes"])})
+        return cls(**{**stored, "sizes": tuple(stored["sizes"]),
+                      "resizes": tuple(stored.get("resizes", ("pad",)))})
 
 
 def native_size(manifest: Manifest) -> int:
     """The median longer side of the labelled train and val inputs, rounded to a multiple of
     8 and kept within 16..224 px (the test split is not looked at)."""
-    rows = manifest.rows
-    rows = rows[rows["split"].isin(["train", "val"]) & rows["label"].notna()]
+    rows = _labelled_train_val(manifest)
     side = float(np.median(np.maximum(rows["width"], rows["height"]))) if len(rows) else BASE_SIZE
     rounded = int(round(side / NATIVE_SIZE_STEP)) * NATIVE_SIZE_STEP
     return int(min(max(rounded, NATIVE_SIZE_FLOOR), NATIVE_SIZE_CAP))
+
+
+def median_aspect(manifest: Manifest) -> float:
+    """The median longer-to-shorter side ratio of the labelled train and val inputs (1 when
+    there are none; the test split is not looked at)."""
+    rows = _labelled_train_val(manifest)
+    if not len(rows):
+        return 1.0
+    longer = np.maximum(rows["width"], rows["height"])
+    shorter = np.maximum(np.minimum(rows["width"], rows["height"]), 1)
+    return float(np.median(longer / shorter))
+
+
+def resize_modes(manifest: Manifest, base: str) -> tuple[str, ...]:
+    """``base`` alone for square-ish inputs, else both modes with ``base`` first."""
+    if median_aspect(manifest) < RESIZE_ASPECT:
+        return (base,)
+    return (base, *(mode for mode in RESIZE_MODES if mode != base))
+
+
+def _labelled_train_val(manifest: Manifest):
+    rows = manifest.rows
+    return rows[rows["split"].isin(["train", "val"]) & rows["label"].notna()]
 
 
 def epochs_for(train_images: int) -> int:
@@ -136,25 +172,28 @@ def labelled_train_images(manifest: Manifest) -> int:
     return int((rows["split"].eq("train") & rows["label"].notna()).sum())
 
 
-def build_space(manifest: Manifest, train: TrainParams, epochs: int | None = None
-                ) -> SearchSpace:
-    """The space for this data set, anchored on params.yaml's backbone and augmentation;
-    ``epochs`` per unit (default: :func:`epochs_for` the labelled train images)."""
+def build_space(manifest: Manifest, train: TrainParams, epochs: int | None = None,
+                resize: str = "pad") -> SearchSpace:
+    """The space for this data set, anchored on params.yaml's backbone, augmentation and
+    ``resize`` mode; ``epochs`` per unit (default: :func:`epochs_for` the labelled train
+    images)."""
     epochs = epochs or epochs_for(labelled_train_images(manifest))
     pretrained = train.weights != "none" and train.backbone != SCRATCH_BACKBONE
     backbone, weights = (train.backbone, train.weights) if pretrained else DEFAULT_PRETRAINED
     blocks = len(build_backbone(backbone, "none").blocks)  # weights do not change the count
     sizes = tuple(sorted({BASE_SIZE, native_size(manifest)}))
     return SearchSpace(sizes, backbone, weights, blocks, train.augment.model_dump(), epochs,
-                       train.cache_frozen_features)
+                       train.cache_frozen_features, resize_modes(manifest, resize))
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """Draw a recipe's choices; only choices that change the training are asked for."""
     choices: dict[str, Any] = {
         "image_size": trial.suggest_categorical("image_size", list(space.sizes)),
-        "model": trial.suggest_categorical("model", list(MODELS)),
     }
+    if len(space.resizes) > 1:
+        choices["resize"] = trial.suggest_categorical("resize", list(space.resizes))
+    choices["model"] = trial.suggest_categorical("model", list(MODELS))
     if choices["model"] != "scratch":  # a random backbone has no features to freeze
         choices["training"] = trial.suggest_categorical("training", list(TRAININGS))
     if sees_images(choices, space):
@@ -169,22 +208,23 @@ def sees_images(choices: dict[str, Any], space: SearchSpace) -> bool:
 
 def all_recipes(space: SearchSpace) -> list[dict[str, Any]]:
     """Every recipe :func:`suggest` can draw (the space is small enough to count)."""
+    resizes = space.resizes if len(space.resizes) > 1 else (None,)
     recipes = []
-    for size in space.sizes:
-        for model in MODELS:
-            for training in (None,) if model == "scratch" else TRAININGS:
-                choices = {"image_size": size, "model": model,
-                           **({"training": training} if training else {})}
-                augments = AUGMENT_SCALES if sees_images(choices, space) else (None,)
-                recipes += [{**choices, **({"augment": augment} if augment else {})}
-                            for augment in augments]
+    for size, resize, model in itertools.product(space.sizes, resizes, MODELS):
+        for training in (None,) if model == "scratch" else TRAININGS:
+            choices = {"image_size": size, **({"resize": resize} if resize else {}),
+                       "model": model, **({"training": training} if training else {})}
+            augments = AUGMENT_SCALES if sees_images(choices, space) else (None,)
+            recipes += [{**choices, **({"augment": augment} if augment else {})}
+                        for augment in augments]
     return recipes
 
 
 def recipe_name(choices: dict[str, Any]) -> str:
-    """A short name for a recipe, also its trial folder: ``64px-whole-finetune_last-base``."""
-    parts = [f"{choices['image_size']}px", choices["model"], choices.get("training", "all"),
-             choices.get("augment", "none")]
+    """A short name for a recipe, also its trial folder: ``64px-whole-finetune_last-base``
+    (``128px-crop-whole-...`` where the space asks how to fit the square)."""
+    parts = [f"{choices['image_size']}px", *([choices["resize"]] if "resize" in choices else []),
+             choices["model"], choices.get("training", "all"), choices.get("augment", "none")]
     return "-".join(str(part) for part in parts)
 
 
@@ -205,7 +245,8 @@ def overrides(space: SearchSpace, choices: dict[str, Any]) -> dict[str, dict[str
         blocks = kept_blocks or space.blocks
         phases = _pretrained_phases(choices["training"], blocks, space.epochs)
     augment = scaled_augment(space.augment, AUGMENT_SCALES[choices.get("augment", "base")])
-    return {"preprocess": {"image_size": int(choices["image_size"])},
+    fit = {"resize": choices["resize"]} if "resize" in choices else {}
+    return {"preprocess": {"image_size": int(choices["image_size"]), **fit},
             "train": {"backbone": backbone, "weights": weights, "backbone_blocks": kept_blocks,
                       "phases": phases, "augment": augment, **patience}}
 
