@@ -140,8 +140,50 @@ def test_a_rerun_resumes_the_study(searched: tuple[Path, Path, int, list[str]],
     assert _tune(ingested, again, params, "--budget", "10", "--trials", "1",
                  "--no-write-params") == 0
     trials = pd.read_csv(again / "trials.csv")
-    assert trials["number"].tolist() == [0, 1, 2]
     assert trials["state"].tolist()[:2] == ["FAIL", "COMPLETE"]
+    # One more recipe searched (trial 2); then, on a set this small, the two recipes are
+    # finalists: each is scored again on new folds, as a trial of its own, best first.
+    searched_trials = trials[trials["user_attrs_rescore_of"].isna()]
+    assert searched_trials["number"].tolist() == [0, 1, 2]
+    assert searched_trials.loc[[1, 2], "user_attrs_recipe"].nunique() == 2
+    rescores = trials[trials["user_attrs_rescore_of"].notna()]
+    finalists = searched_trials.loc[[1, 2]].sort_values("value", ascending=False)
+    assert rescores["user_attrs_rescore_of"].astype(int).tolist() == finalists["number"].tolist()
+    assert (rescores["state"] == "COMPLETE").all()
+    for recipe in rescores["user_attrs_recipe"]:
+        assert sorted(p.name for p in (again / "rescores" / recipe).iterdir()) == [
+            "fold1", "fold2", "fold3"]
+    # The choice: the best mean of first and new folds.
+    first_scores = trials.set_index("number")["value"]
+    means = {int(row.user_attrs_rescore_of):
+             (row.value + first_scores[int(row.user_attrs_rescore_of)]) / 2
+             for row in rescores.itertuples()}
+    best = yaml.safe_load((again / "best.yaml").read_text())
+    assert best["trial"] == max(means, key=means.get)
+    assert best["val_macro_f1"] == pytest.approx(max(means.values()), abs=1e-6)
+
+
+def test_the_choice_is_among_the_finalists_scored_again() -> None:
+    from optuna.distributions import CategoricalDistribution
+
+    from cellpipe.tuning.search import best_recipe
+
+    study = optuna.create_study(direction="maximize")
+    size = {"image_size": CategoricalDistribution([64])}
+
+    def add(value: float, **attrs) -> None:
+        study.add_trial(optuna.trial.create_trial(params={"image_size": 64}, distributions=size,
+                                                  value=value, user_attrs=attrs))
+
+    add(0.90, recipe="lucky")  # trial 0: the best first score
+    add(0.85, recipe="steady")  # 1
+    add(0.84, recipe="not a finalist")  # 2
+    assert best_recipe(study)[0].number == 0  # nothing scored again: the best first score
+    add(0.70, recipe="lucky", rescore_of=0)  # its new folds fall worse: mean 0.80
+    add(0.83, recipe="steady", rescore_of=1)  # mean 0.84
+    best, score = best_recipe(study)
+    # Among the finalists scored again, though trial 2's first score (0.84) is as high.
+    assert best.number == 1 and score == pytest.approx(0.84)
 
 
 def test_a_trial_stopped_by_the_budget_counts_with_what_it_finished(

@@ -11,7 +11,7 @@ import yaml
 
 from cellpipe.errors import CellpipeError
 from cellpipe.fsutil import atomic_path
-from cellpipe.tuning.search import best_trial
+from cellpipe.tuning.search import best_recipe
 from cellpipe.tuning.space import SearchSpace, overrides
 
 TRIALS_CSV = "trials.csv"
@@ -36,8 +36,8 @@ def write_trials_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 def plot_trials(table: pd.DataFrame, path: Path) -> None:
-    """Val macro-F1 of each trial and the best so far; repeated recipes, failed and stopped
-    trials marked."""
+    """Val macro-F1 of each trial and the best so far; repeated recipes, finalists scored
+    on new folds, failed and stopped trials marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on batch machines
@@ -45,14 +45,21 @@ def plot_trials(table: pd.DataFrame, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4))
     done = table[table["state"] == "COMPLETE"]
-    repeats = (done["user_attrs_repeat_of"].notna() if "user_attrs_repeat_of" in done
-               else pd.Series(False, index=done.index))
-    axis.scatter(done.loc[~repeats, "number"], done.loc[~repeats, "value"], label="trial",
-                 zorder=3)
+    repeats, rescores = (done[column].notna() if column in done
+                         else pd.Series(False, index=done.index)
+                         for column in ("user_attrs_repeat_of", "user_attrs_rescore_of"))
+    first = ~repeats & ~rescores
+    axis.scatter(done.loc[first, "number"], done.loc[first, "value"], label="trial", zorder=3)
     if repeats.any():
         axis.scatter(done.loc[repeats, "number"], done.loc[repeats, "value"], s=10,
                      color="lightgray", label="recipe drawn again", zorder=2)
-    best = table["value"].where(table["state"] == "COMPLETE").cummax()
+    if rescores.any():
+        axis.scatter(done.loc[rescores, "number"], done.loc[rescores, "value"], marker="^",
+                     color="tab:purple", label="finalist on new folds", zorder=3)
+    searched = table["state"].eq("COMPLETE")
+    if "user_attrs_rescore_of" in table:
+        searched &= table["user_attrs_rescore_of"].isna()
+    best = table["value"].where(searched).cummax()
     axis.step(table["number"], best, where="post", color="tab:green", label="best so far")
     floor = float(done["value"].min()) if len(done) else 0.0
     for state, marker in (("FAIL", "x"), ("PRUNED", "|")):
@@ -70,12 +77,14 @@ def plot_trials(table: pd.DataFrame, path: Path) -> None:
 
 
 def chosen(study: optuna.Study, space: SearchSpace) -> dict[str, Any]:
-    """The best trial's recipe: its number, score, choices and params.yaml values."""
-    best = best_trial(study)
-    if best is None:
+    """The best trial's recipe: its number, score (over new folds too, for a finalist
+    scored again), choices and params.yaml values."""
+    chosen_trial = best_recipe(study)
+    if chosen_trial is None:
         raise CellpipeError(f"no trial of the search finished ({len(study.trials)} tried): "
                             "nothing to choose; give it a larger --budget")
-    return {"trial": best.number, "val_macro_f1": round(float(best.value), 6),
+    best, score = chosen_trial
+    return {"trial": best.number, "val_macro_f1": round(score, 6),
             "recipe": best.user_attrs.get("recipe"), "choices": dict(best.params),
             "params": overrides(space, best.params)}
 
